@@ -123,6 +123,7 @@ def base_oasis() -> ml_collections.ConfigDict:
   c.predictor.mlp = (4096, 1024, 512, 128)
   c.predictor.loss = 'mse'
   c.predictor.optimizer = 'sgd_cosine'
+  c.lock()
   return c
 
 
@@ -169,6 +170,7 @@ def base_megaportraits() -> ml_collections.ConfigDict:
   c.predictor.loss = 'mae'
   c.predictor.optimizer = 'adamw_cosine'
   c.predictor.lr = 2e-4
+  c.lock()
   return c
 
 
