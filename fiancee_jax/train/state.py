@@ -1,0 +1,58 @@
+"""The GAN train state (one pytree) and the helpers every stage shares: EMA, variables.
+
+`GANState` holds everything exact resume needs: step, params, the mutable model
+collections (sync-BN 'batch_stats', spectral-norm 'spectral'), the EMA generator (params
+and collections, averaged like OASIS averages the whole state_dict), both optimiser states
+and the base rng. It is a flax struct (a plain pytree) so orbax saves it as it is.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class GANState:
+  """Generator + discriminator training state (OASIS backbone stage)."""
+  step: jax.Array          # int32 scalar: number of completed train steps
+  params_g: PyTree
+  params_d: PyTree
+  state_g: PyTree          # G's mutable collections: {'batch_stats': ..., 'spectral': ...}
+  state_d: PyTree          # D's mutable collections (spectral norm u, v)
+  ema_params_g: PyTree     # EMA of params_g (decay config.train.ema_decay)
+  ema_state_g: PyTree      # EMA of state_g (OASIS averages running stats and u, v too)
+  opt_g: optax.OptState
+  opt_d: optax.OptState
+  rng: jax.Array           # uint32[2] base key; per step: fold_in(rng, step)
+
+
+def split_variables(variables: PyTree) -> tuple[PyTree, dict[str, PyTree]]:
+  """Flax variables -> (params, {other collection: value}), the latter as a plain dict."""
+  variables = flax.core.unfreeze(variables)
+  params = variables.pop('params')
+  return params, dict(variables)
+
+
+def merge_variables(params: PyTree, collections: dict[str, PyTree]) -> dict[str, PyTree]:
+  """(params, collections) -> a Flax variables dict for `Module.apply`."""
+  return {'params': params, **collections}
+
+
+def ema_update(ema: PyTree, new: PyTree, decay: float | jax.Array) -> PyTree:
+  """decay * ema + (1 - decay) * new on every floating leaf (others copied from `new`)."""
+  def upd(e, n):
+    if jnp.issubdtype(jnp.asarray(n).dtype, jnp.floating):
+      return decay * e + (1.0 - decay) * n
+    return n
+  return jax.tree.map(upd, ema, new)
+
+
+def adam(lr: float, b1: float, b2: float, weight_decay: float) -> optax.GradientTransformation:
+  """OASIS optimiser: Adam(b1, b2), decoupled weight decay (0 in OASIS)."""
+  return optax.adamw(lr, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay)
