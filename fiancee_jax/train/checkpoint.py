@@ -1,0 +1,160 @@
+"""Orbax checkpoints: the one checkpoint loader every stage uses.
+
+Layout: `<workdir>/checkpoints/<stage>/<step>/{state, meta}` written by an orbax
+`CheckpointManager` (atomic: orbax writes a temporary folder and renames it; keep-last-K).
+'state' is the stage's train-state pytree (StandardSave), 'meta' a JSON dict:
+  stage, step, config_hash (of the sections that fix the state's shapes), model_hash (of
+  config.model + data shape: what a later stage checks), data (the loader's position),
+  config (the full config, for people reading the folder), and stage-specific extras.
+A checkpoint written for another config is refused with one clear error.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from fiancee_jax import config as cfg
+
+PyTree = Any
+
+# Config sections whose values fix each stage's state shapes (what its config_hash covers).
+STAGE_HASH_SECTIONS = {
+    'backbone': ('model', 'disc'),
+    'branches': ('model', 'branches'),
+    'predictor': ('model', 'branches', 'predictor'),
+}
+
+
+class CheckpointError(ValueError):
+  """A missing, corrupt or incompatible checkpoint."""
+
+
+def checkpoint_dir(workdir: str, stage: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints', stage)
+
+
+def stage_hash(config: ml_collections.ConfigDict, stage: str) -> str:
+  return cfg.config_hash(config, STAGE_HASH_SECTIONS.get(stage, ('model',)))
+
+
+class Checkpointer:
+  """Periodic saves + exact restore of one stage's state in `workdir`."""
+
+  def __init__(self, workdir: str, stage: str, config: ml_collections.ConfigDict | None = None,
+               *, keep: int = 3, read_only: bool = False):
+    self.workdir, self.stage, self.config = workdir, stage, config
+    self.directory = checkpoint_dir(workdir, stage)
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f'no {stage} checkpoint in {workdir}: {self.directory} does not '
+                            'exist (run that stage first)')
+    # read_only: never creates or deletes (orbax's own read_only flag only logs warnings).
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                           create=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: PyTree, meta: dict[str, Any] | None = None) -> None:
+    """Save `state` (host or replicated arrays) at `step` with the JSON metadata."""
+    full = {'stage': self.stage, 'step': int(step)}
+    if self.config is not None:
+      full.update(config_hash=stage_hash(self.config, self.stage),
+                  model_hash=cfg.config_hash(self.config), config=cfg.to_json(self.config))
+    full.update(meta or {})
+    self.manager.save(int(step), force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(full)))
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no {self.stage} checkpoint in {self.directory}')
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - any orbax failure is one clear message
+      raise CheckpointError(f'cannot read the metadata of checkpoint {self.directory}/{step}: '
+                            f'{type(e).__name__}: {e}') from e
+    return dict(out['meta'])
+
+  def check_config(self, meta: dict[str, Any], key: str = 'config_hash') -> None:
+    """One clear error when the checkpoint was written for another config."""
+    if self.config is None:
+      return
+    want = (stage_hash(self.config, self.stage) if key == 'config_hash'
+            else cfg.config_hash(self.config))
+    have = meta.get(key)
+    if have != want:
+      sections = (STAGE_HASH_SECTIONS.get(self.stage, ('model',)) if key == 'config_hash'
+                  else ('model',))
+      raise CheckpointError(
+          f'checkpoint in {self.directory} was written for config hash {have}, this config is '
+          f'{want} (config sections {", ".join(sections)} and the data shape differ); use the '
+          'config it was trained with or another --workdir')
+
+  def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
+    """Restore (state shaped like `target`, meta) from `step` (default: latest)."""
+    step = self.latest_step() if step is None else step
+    meta = self.read_meta(step)
+    self.check_config(meta)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f'cannot restore checkpoint {self.directory}/{step} into this '
+                            f'{self.stage} state: {type(e).__name__}: {e}') from e
+    return out['state'], meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_latest(workdir: str, stage: str, target: PyTree,
+                   config: ml_collections.ConfigDict | None = None
+                   ) -> tuple[PyTree, dict[str, Any]] | None:
+  """(state, meta) of the latest `stage` checkpoint in `workdir`, or None if there is none.
+  With `config`, a checkpoint of another config raises CheckpointError."""
+  if not os.path.isdir(checkpoint_dir(workdir, stage)):
+    return None
+  ckpt = Checkpointer(workdir, stage, config, read_only=True)
+  try:
+    if ckpt.latest_step() is None:
+      return None
+    return ckpt.restore(target)
+  finally:
+    ckpt.close()
+
+
+def load_backbone(workdir: str, config: ml_collections.ConfigDict
+                  ) -> tuple[PyTree, dict[str, PyTree], dict[str, Any]]:
+  """EMA generator of the latest backbone checkpoint in `workdir`, for the later stages:
+  (params, collections, meta) where collections = {'batch_stats', 'spectral'} with the
+  batch-norm statistics refreshed at save time (OASIS evaluates EMA weights that way).
+  Checks config.model + data shape against the checkpoint (one clear error if they differ).
+  """
+  ckpt = Checkpointer(workdir, 'backbone', config, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise CheckpointError(f'no backbone checkpoint in {ckpt.directory}: run '
+                            '`train.py --stage=backbone` first')
+    meta = ckpt.read_meta(step)
+    ckpt.check_config(meta, key='model_hash')
+    try:
+      out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f'cannot read backbone checkpoint {ckpt.directory}/{step}: '
+                            f'{type(e).__name__}: {e}') from e
+    saved = out['state']  # {'train': GANState fields, 'ema_bn': refreshed collections}
+    return saved['train']['ema_params_g'], dict(saved['ema_bn']), meta
+  finally:
+    ckpt.close()
