@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from fiancee_jax.models.layers import SyncBatchNorm
+
 Dtype = Any
 Array = jax.Array
 
-BN_MOMENTUM = 0.9    # PyTorch BatchNorm2d momentum 0.1
-BN_EPS = 1e-5
 
 
 def hswish(x: Array) -> Array:
@@ -71,10 +71,10 @@ def _check_image(x: Array, name: str, multiple: int = 8) -> None:
                      f'(G2D works from H/8), got {x.shape[1]}x{x.shape[2]}')
 
 
-def _bn(axis_name: str | None, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-  # Sync batch norm across the data-parallel axis (as the OASIS models' sync BN).
-  return nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPS, axis_name=axis_name,
-                      dtype=dtype, name=name)
+def _bn(axis_name: str | None, name: str) -> SyncBatchNorm:
+  # The OASIS models' sync batch norm (torch BatchNorm2d semantics: momentum 0.1, eps 1e-5,
+  # statistics in float32, averaged over the data-parallel axis), here with affine params.
+  return SyncBatchNorm(affine=True, axis_name=axis_name, name=name)
 
 
 class ResBlock2D(nn.Module):
@@ -89,9 +89,9 @@ class ResBlock2D(nn.Module):
     if x.shape[-1] != self.fin:
       raise ValueError(f'ResBlock2D({self.fin}->{self.fout}): input has {x.shape[-1]} '
                        f'channels, expected {self.fin}')
-    h = _bn(self.axis_name, self.dtype, 'norm_0')(x, use_running_average=not train)
+    h = _bn(self.axis_name, 'norm_0')(x, train)
     h = nn.Conv(self.fout, (3, 3), padding=1, dtype=self.dtype, name='conv_0')(hswish(h))
-    h = _bn(self.axis_name, self.dtype, 'norm_1')(h, use_running_average=not train)
+    h = _bn(self.axis_name, 'norm_1')(h, train)
     h = nn.Conv(self.fout, (3, 3), padding=1, dtype=self.dtype, name='conv_1')(hswish(h))
     if self.fin != self.fout:
       x = nn.Conv(self.fout, (1, 1), dtype=self.dtype, name='conv_s')(x)
@@ -168,7 +168,7 @@ class AppearanceEncoder(nn.Module):
     c = self.enc_ch
     for i in range(3):
       c *= 2
-      h = _bn(self.axis_name, self.dtype, f'norm_{i}')(h, use_running_average=not train)
+      h = _bn(self.axis_name, f'norm_{i}')(h, train)
       h = nn.Conv(c, (3, 3), strides=2, padding=1, dtype=self.dtype, name=f'down_{i}')(
           nn.relu(h))
     return ResBlock2D(c, c, self.axis_name, self.dtype, name='res')(h, train)
@@ -190,7 +190,7 @@ class MotionEncoder(nn.Module):
     c = self.motion_ch
     for i in range(4):
       h = nn.Conv(c, (3, 3), strides=2, padding=1, dtype=self.dtype, name=f'down_{i}')(h)
-      h = _bn(self.axis_name, self.dtype, f'norm_{i}')(h, use_running_average=not train)
+      h = _bn(self.axis_name, f'norm_{i}')(h, train)
       h = nn.relu(h)
       c *= 2
     h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
