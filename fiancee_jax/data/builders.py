@@ -40,6 +40,10 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared: array_record files, DatasetInfo built in place, optional worker processes."""
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First version.'}
+  # Nothing to download: no checksums file. (tfds would look for one next to the module via
+  # `importlib_resources`, a package we do not need.)
+  code_path = None
+  url_infos = None
 
   def __init__(self, *, config: tfds.core.BuilderConfig, data_dir: str, num_workers: int = 0):
     self._num_workers = num_workers
