@@ -85,6 +85,7 @@ class SyntheticStreets(_Builder, skip_registration=True):
     c = self.builder_config
     return tfds.core.DatasetInfo(
         builder=self,
+        disable_shuffling=True,   # example i of a split is the generator's i-th (index == i)
         description='Procedural street scenes with Cityscapes label ids (0..33; 34 unknown).',
         features=tfds.features.FeaturesDict({
             'image': _img(c.height, c.width),
@@ -130,6 +131,7 @@ class SyntheticHeads(_Builder, skip_registration=True):
     s = self.builder_config.size
     return tfds.core.DatasetInfo(
         builder=self,
+        disable_shuffling=True,   # example i of a split is the generator's i-th (index == i)
         description='Procedural heads with pose (yaw, pitch, roll; degrees) and expression.',
         features=tfds.features.FeaturesDict({
             'image': _img(s, s),
@@ -225,6 +227,7 @@ class Cityscapes(_Builder, skip_registration=True):
     c = self.builder_config
     return tfds.core.DatasetInfo(
         builder=self,
+        disable_shuffling=True,   # example i of a split is the generator's i-th (index == i)
         description='Cityscapes leftImg8bit + gtFine labelIds (ids > 33 -> 34 unknown).',
         features=tfds.features.FeaturesDict({
             'image': _img(c.height, c.width),
@@ -335,6 +338,7 @@ class VideoFrames(_Builder, skip_registration=True):
     s = self.builder_config.size
     return tfds.core.DatasetInfo(
         builder=self,
+        disable_shuffling=True,   # example i of a split is the generator's i-th (index == i)
         description='Video frames, centre-cropped to a square.',
         features=tfds.features.FeaturesDict({
             'image': _img(s, s),

@@ -61,7 +61,9 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
   """One street scene: (image uint8 (H,W,3), label uint8 (H,W) ids 0..33, difficulty)."""
   H, W = height, width
   complexity = float(rng.uniform())
-  grain = rng.standard_normal((H, W)).astype(np.float32)
+  # Pixel noise from its own stream, so the scene's draws do not depend on the resolution.
+  pix = np.random.default_rng(rng.integers(2 ** 63))
+  grain = pix.standard_normal((H, W)).astype(np.float32)
   cv = _Canvas(H, W, grain)
   hy = rng.uniform(0.36, 0.5) * H                 # horizon row
   vpx = rng.uniform(0.35, 0.65) * W               # vanishing point column
@@ -206,7 +208,7 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
 
   # --- sensor: exposure, vignette, noise ---------------------------------------------------
   vig = 1 - 0.18 * (((xs - W / 2) / W) ** 2 + ((ys - H / 2) / H) ** 2)
-  img = cv.img * exposure * vig[..., None] + rng.normal(0, 3.0, (H, W, 3))
+  img = cv.img * exposure * vig[..., None] + pix.normal(0, 3.0, (H, W, 3))
   image = np.clip(img, 0, 255).astype(np.uint8)
   lab = cv.lab
   boundary = np.mean((lab[:, 1:] != lab[:, :-1])[:-1] | (lab[1:, :] != lab[:-1, :])[:, :-1])
