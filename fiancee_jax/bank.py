@@ -21,8 +21,9 @@ FPS starts from the first key of the class in stream order (pool index 0, which 
 reduction keeps at index 0), picks argmax of the min-distance (ties: lowest index), never
 picks a point twice.
 
-Two retrieval backends give the same neighbours (exact L2): 'device' (matmul + class-masked
-argmin, chunked over keys, jittable anywhere) and 'faiss' (one `faiss.IndexFlatL2` per class
+Two retrieval backends give the same neighbours (exact L2): 'device' (queries sorted by
+class, each tile scored by matmul + masked argmin against its class's key segment only;
+jittable anywhere) and 'faiss' (one `faiss.IndexFlatL2` per class
 on the host, called from jit through `jax.pure_callback`). A query whose class has no keys
 in the bank (or an id outside [0, num_classes)) searches all keys instead: inference never
 fails on a rare class.
@@ -156,6 +157,7 @@ class BankHost:
     self.num_classes = num_classes
     self.manifest = manifest or {}
     self.path = path
+    self.max_class_size = int(np.bincount(key_classes).max())  # static block for 'device'
     self._indices: dict[int, tuple[Any, np.ndarray]] | None = None
     self._all: Any = None
 
@@ -216,6 +218,7 @@ class Bank:
   key_classes: jax.Array   # (N,) int32
   key_sqnorm: jax.Array    # (N,) float32, ||k||^2
   class_counts: jax.Array  # (num_classes,) int32: keys per class
+  class_offsets: jax.Array  # (num_classes,) int32: first row of each class (rows sorted by class)
   host: BankHost = struct.field(pytree_node=False)
 
   @property
@@ -225,7 +228,10 @@ class Bank:
 
 def make_bank(keys: Any, values: Any, classes: Any | None = None, num_classes: int | None = None,
               manifest: dict | None = None, path: pathlib.Path | None = None) -> Bank:
-  """Bank from in-memory arrays: keys (N, D), values (N, ph, pw, C), classes (N,) or None."""
+  """Bank from in-memory arrays: keys (N, D), values (N, ph, pw, C), classes (N,) or None.
+
+  Rows are reordered by class (stable) when they are not already sorted: key ids returned
+  by `nearest` index the bank's rows (`bank.keys`, `bank.host.keys`), not the inputs'."""
   keys_np = np.asarray(keys, np.float32)
   if keys_np.ndim != 2 or keys_np.shape[0] == 0:
     raise BankError(f'bank keys of shape {keys_np.shape}: expected (N>0, D)')
@@ -240,61 +246,85 @@ def make_bank(keys: Any, values: Any, classes: Any | None = None, num_classes: i
   if cls_np.min() < 0 or cls_np.max() >= num_classes:
     raise BankError(f'bank classes span [{cls_np.min()}, {cls_np.max()}]: expected ids in '
                     f'[0, {num_classes})')
+  if (np.diff(cls_np) < 0).any():  # rows sorted by class: contiguous segments per class
+    order = np.argsort(cls_np, kind='stable')
+    keys_np, values, cls_np = keys_np[order], np.asarray(values)[order], cls_np[order]
   counts = np.bincount(cls_np, minlength=num_classes).astype(np.int32)
+  offsets = (np.cumsum(counts) - counts).astype(np.int32)
   k = jnp.asarray(keys_np)
   return Bank(keys=k, values=jnp.asarray(values), key_classes=jnp.asarray(cls_np),
               key_sqnorm=jnp.sum(k * k, axis=-1), class_counts=jnp.asarray(counts),
+              class_offsets=jnp.asarray(offsets),
               host=BankHost(keys_np, cls_np, num_classes, manifest, path))
 
 
 # --------------------------------------------------------------------------- retrieval
 
-def _nearest_device(bank: Bank, q: jax.Array, c: jax.Array, key_chunk: int | None) -> jax.Array:
-  """Masked brute force: argmin_k ||k||^2 - 2 q.k over keys of the query's class
-  (||q||^2 is constant per query and does not change the argmin). Ties: lowest key id."""
+def _nearest_device(bank: Bank, q: jax.Array, c: jax.Array, query_tile: int) -> jax.Array:
+  """Exact same-class nearest key on device: queries are sorted by class and taken in tiles
+  of `query_tile`; each tile is scored against its class's contiguous key segment only
+  (matmul ||k||^2 - 2 q.k — ||q||^2 does not change the argmin — masked to the segment,
+  argmin). Work ~ (Q / tile + classes present) * tile * max_class_size * D instead of
+  Q * N * D for a full masked scan. Queries whose class has no keys form one more group
+  scored against all keys, block by block. Ties: lowest key id within a block."""
   n, d = bank.keys.shape
   nq = q.shape[0]
-  num_classes = bank.class_counts.shape[0]
-  in_range = (c >= 0) & (c < num_classes)
-  has = in_range & (bank.class_counts[jnp.clip(c, 0, num_classes - 1)] > 0)
-  if key_chunk is None:  # bound the (Q, chunk) distance block to ~16M floats
-    key_chunk = max(256, (1 << 24) // max(nq, 1))
-  key_chunk = min(key_chunk, n)
+  nc = bank.class_counts.shape[0]
+  m = bank.host.max_class_size  # static key-block length
+  t = max(1, min(query_tile, nq))
+  cc = jnp.clip(c, 0, nc - 1)
+  has = (c >= 0) & (c < nc) & (bank.class_counts[cc] > 0)
+  group = jnp.where(has, cc, nc)  # group nc: fallback to all keys
+  order = jnp.argsort(group, stable=True)
+  gs = group[order]
+  qs = jnp.concatenate([q[order], jnp.zeros((t, d), q.dtype)])  # pad: tiles never clamp
+  groups = jnp.arange(nc + 1)
+  qstart = jnp.searchsorted(gs, groups, side='left').astype(jnp.int32)
+  qend = jnp.searchsorted(gs, groups, side='right').astype(jnp.int32)
+  kstart = jnp.concatenate([bank.class_offsets, jnp.zeros((1,), jnp.int32)])
+  kend = jnp.concatenate([bank.class_offsets + bank.class_counts, jnp.full((1,), n, jnp.int32)])
 
-  def chunk_best(keys, sqn, kcls, offset):
-    s = sqn[None, :] - 2.0 * jnp.dot(q, keys.T, precision=lax.Precision.HIGHEST)
-    mask = (kcls[None, :] == c[:, None]) | ~has[:, None]
-    s = jnp.where(mask, s, jnp.inf)
-    i = jnp.argmin(s, axis=1)
-    return jnp.take_along_axis(s, i[:, None], axis=1)[:, 0], (i + offset).astype(jnp.int32)
+  def tile(out, q0, qe, ks, ke):
+    qt = lax.dynamic_slice_in_dim(qs, q0, t)
 
-  def merge(best, new):  # strict <: an earlier chunk wins ties (lowest id overall)
-    take = new[0] < best[0]
-    return jnp.where(take, new[0], best[0]), jnp.where(take, new[1], best[1])
+    def block(state):
+      j, best_d, best_i = state
+      a = jnp.minimum(ks + j * m, n - m)  # last block may overlap the previous: harmless
+      kb = lax.dynamic_slice_in_dim(bank.keys, a, m)
+      sq = lax.dynamic_slice_in_dim(bank.key_sqnorm, a, m)
+      ids = a + jnp.arange(m, dtype=jnp.int32)
+      s = sq[None, :] - 2.0 * jnp.dot(qt, kb.T, precision=lax.Precision.HIGHEST)
+      s = jnp.where(((ids >= ks) & (ids < ke))[None, :], s, jnp.inf)
+      i = jnp.argmin(s, axis=1)
+      dmin = jnp.take_along_axis(s, i[:, None], axis=1)[:, 0]
+      take = dmin < best_d
+      return j + 1, jnp.where(take, dmin, best_d), jnp.where(take, ids[i], best_i)
 
-  best = (jnp.full((nq,), jnp.inf, jnp.float32), jnp.zeros((nq,), jnp.int32))
-  n_full = n // key_chunk
+    nblocks = (ke - ks + m - 1) // m
+    init = (jnp.int32(0), jnp.full((t,), jnp.inf, jnp.float32), jnp.zeros((t,), jnp.int32))
+    _, _, best_i = lax.while_loop(lambda st: st[0] < nblocks, block, init)
+    rows = q0 + jnp.arange(t, dtype=jnp.int32)
+    return out.at[jnp.where(rows < qe, rows, nq)].set(best_i, mode='drop')
 
-  def body(j, best):
-    o = j * key_chunk
-    sl = lambda a: lax.dynamic_slice_in_dim(a, o, key_chunk, axis=0)
-    return merge(best, chunk_best(sl(bank.keys), sl(bank.key_sqnorm), sl(bank.key_classes), o))
+  def per_group(g, out):
+    ntiles = (qend[g] - qstart[g] + t - 1) // t
 
-  if n_full == 1:
-    best = body(0, best)
-  elif n_full > 1:
-    best = lax.fori_loop(0, n_full, body, best)
-  o = n_full * key_chunk
-  if o < n:
-    best = merge(best, chunk_best(bank.keys[o:], bank.key_sqnorm[o:], bank.key_classes[o:], o))
-  return best[1]
+    def body(st):
+      k, out = st
+      return k + 1, tile(out, qstart[g] + k * t, qend[g], kstart[g], kend[g])
+
+    return lax.while_loop(lambda st: st[0] < ntiles, body, (jnp.int32(0), out))[1]
+
+  out_sorted = lax.fori_loop(0, nc + 1, per_group, jnp.zeros((nq,), jnp.int32))
+  return jnp.zeros((nq,), jnp.int32).at[order].set(out_sorted)
 
 
 def nearest(bank: Bank, queries: jax.Array, classes: jax.Array | None = None,
-            backend: str = 'device', key_chunk: int | None = None) -> jax.Array:
+            backend: str = 'device', query_tile: int = 32) -> jax.Array:
   """Id of the nearest (L2) key of the same class for each query: (..., D) -> (...) int32.
 
-  `backend`: 'device' (matmul + masked argmin, chunked over keys) or 'faiss' (host FAISS
+  `backend`: 'device' (matmul + masked argmin per class segment, tiles of `query_tile`
+  queries) or 'faiss' (host FAISS
   via `jax.pure_callback`, batched: one call for all queries, vmap broadcasts). Jittable
   with `bank` as an argument; a class with no keys falls back to all keys.
   """
@@ -312,7 +342,7 @@ def nearest(bank: Bank, queries: jax.Array, classes: jax.Array | None = None,
   if backend == 'device':
     lead = queries.shape[:-1]
     idx = _nearest_device(bank, queries.reshape(-1, d).astype(jnp.float32),
-                          classes.reshape(-1), key_chunk)
+                          classes.reshape(-1), query_tile)
     return idx.reshape(lead)
   if backend == 'faiss':
     host = bank.host
@@ -324,13 +354,13 @@ def nearest(bank: Bank, queries: jax.Array, classes: jax.Array | None = None,
 
 
 def retrieve(bank: Bank, queries: jax.Array, classes: jax.Array | None = None,
-             backend: str = 'device', key_chunk: int | None = None) -> jax.Array:
+             backend: str = 'device', query_tile: int = 32) -> jax.Array:
   """Guide feature map (Sec. 3.3): queries (B, h, w, D) + classes (B, h, w) or None ->
   values of the nearest same-class keys glued into (B, h*ph, w*pw, C)."""
   queries = jnp.asarray(queries)
   if queries.ndim != 4:
     raise BankError(f'queries of shape {queries.shape}: expected (B, h, w, D)')
-  return glue(bank.values, nearest(bank, queries, classes, backend, key_chunk))
+  return glue(bank.values, nearest(bank, queries, classes, backend, query_tile))
 
 
 # --------------------------------------------------------------------------- build

@@ -67,21 +67,33 @@ def _random_bank(rng, n=500, d=24, num_classes=7, empty=(5,), vshape=(2, 3, 4)):
   return bk.make_bank(keys, values, cls, num_classes), keys, cls, values
 
 
-@pytest.mark.parametrize('backend,key_chunk', [('device', None), ('device', 64), ('faiss', None)])
-def test_nearest_matches_numpy(backend, key_chunk):
+@pytest.mark.parametrize('backend,query_tile', [('device', 32), ('device', 3), ('faiss', 32)])
+def test_nearest_matches_numpy(backend, query_tile):
   rng = np.random.default_rng(3)
-  bank, keys, cls, _ = _random_bank(rng)
+  bank, *_ = _random_bank(rng)
+  keys, cls = bank.host.keys, bank.host.key_classes  # rows as stored (sorted by class)
   q = rng.normal(size=(2, 4, 8, 24)).astype(np.float32)
   qc = rng.integers(0, 7, size=(2, 4, 8))
   qc[0, 0, :4] = 5        # a class with no keys -> all keys
   qc[1, 0, :2] = 99       # an id outside [0, num_classes) -> all keys
-  f = jax.jit(bk.nearest, static_argnames=('backend', 'key_chunk'))
-  got = f(bank, jnp.asarray(q), jnp.asarray(qc), backend=backend, key_chunk=key_chunk)
+  f = jax.jit(bk.nearest, static_argnames=('backend', 'query_tile'))
+  got = f(bank, jnp.asarray(q), jnp.asarray(qc), backend=backend, query_tile=query_tile)
   want = nn_numpy(keys, cls, q, qc)
   np.testing.assert_array_equal(np.asarray(got), want)
   # Same-class constraint really restricts: unconstrained NN differs for many queries.
   free = nn_numpy(keys, np.zeros_like(cls), q, np.zeros_like(qc))
   assert (free != want).mean() > 0.3
+
+
+def test_make_bank_sorts_rows_by_class():
+  rng = np.random.default_rng(5)
+  bank, keys, cls, values = _random_bank(rng, n=60)
+  kc = np.asarray(bank.key_classes)
+  assert (np.diff(kc) >= 0).all() and np.asarray(bank.class_counts).sum() == 60
+  np.testing.assert_array_equal(np.asarray(bank.class_offsets)[kc[-1]], np.flatnonzero(kc == kc[-1])[0])
+  order = np.argsort(cls, kind='stable')
+  np.testing.assert_array_equal(np.asarray(bank.keys), keys[order])
+  np.testing.assert_array_equal(np.asarray(bank.values), values[order])
 
 
 def test_faiss_callback_under_vmap_and_no_classes():
