@@ -130,9 +130,15 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
       cv.lab[strip] = TERRAIN
 
   # --- facades: buildings on both sides, split into segments along the depth -----------
+  glass_noise = np.clip(smooth_noise(rng, H, W, 2, 4), 0, 1)[..., None]
+  split_col = int(np.clip(round(vpx), 0, W))
   for sgn, out, bright in ((-1, out_l, sun[0]), (1, out_r, sun[1])):
-    side = (sgn * (xs - vpx) > 0)
-    tf = np.maximum(sgn * (xs - vpx) / (out * unit), 1e-4) * np.ones_like(ys)  # depth at facade
+    cols = slice(0, split_col) if sgn < 0 else slice(split_col, W)   # this side's columns
+    xc = xs[:, cols]
+    if xc.size == 0:
+      rng.uniform(size=(5, 41)); rng.uniform(size=3)     # keep the draw count fixed
+      continue
+    tf = np.maximum(sgn * (xc - vpx) / (out * unit), 1e-4) * np.ones_like(ys)  # facade depth
     hgt = 1 - (ys - hy) / (tf * unit)             # height above ground, camera heights
     zf = 1.0 / tf
     edges_z = np.cumsum(rng.uniform(0.6, 3.5, 40)) - rng.uniform(0, 1.5)
@@ -143,29 +149,28 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
         0.8, 1.1, (n, 1))
     floor_h = rng.uniform(1.6, 2.4, n)
     win_z = rng.uniform(0.35, 0.9, n)
-    facade = side & (hgt >= 0) & (hgt <= heights[seg]) & (zf < 60)
+    facade = (hgt >= 0) & (hgt <= heights[seg]) & (zf < 60)
     col = colours[seg] * bright
     fh = hgt / floor_h[seg]
     wz = zf / win_z[seg]
     window = (np.mod(fh, 1) > 0.35) & (np.mod(fh, 1) < 0.8) & (np.mod(wz, 1) > 0.3) & (
         np.mod(wz, 1) < 0.75) & (hgt > 1.2) & (hgt < heights[seg] - 0.5) & (tf > 0.05)
-    glass = np.array([55, 65, 80], np.float32) + 60 * np.clip(
-        smooth_noise(rng, H, W, 2, 4), 0, 1)[..., None]
+    glass = np.array([55, 65, 80], np.float32) + 60 * glass_noise[:, cols]
     col = np.where(window[..., None], glass * bright, col)
     # Segment borders darker (gaps between houses), vertical shading towards the ground.
     col = col * (1 - 0.25 * (np.mod(zf - edges_z[np.minimum(seg, n - 2)], 1e9) < 0.08)[..., None])
     col = col * (0.85 + 0.15 * np.clip(hgt / 4, 0, 1))[..., None]
-    cv.img[facade] = col[facade]
-    cv.lab[facade] = BUILDING
+    img_side, lab_side = cv.img[:, cols], cv.lab[:, cols]
+    img_side[facade] = col[facade]
+    lab_side[facade] = BUILDING
     if rng.uniform() < 0.35:                      # a low wall or fence along the sidewalk
-      fence = side & (hgt >= 0) & (hgt < rng.uniform(0.5, 0.9)) & (zf < 25) & ~facade | (
-          side & (hgt >= 0) & (hgt < 0.7) & (zf < 25))
+      fence = (hgt >= 0) & (hgt < 0.7) & (zf < 25)
       is_fence = rng.uniform() < 0.5
-      pattern = (np.mod(zf * 6, 1) < 0.3) | (hgt > 0.6) if is_fence else np.ones_like(fence)
-      fence &= pattern
-      cv.img[fence] = (np.array([120, 110, 100], np.float32) * bright if is_fence
-                       else np.array([160, 155, 150], np.float32) * bright)
-      cv.lab[fence] = FENCE if is_fence else WALL
+      if is_fence:
+        fence &= (np.mod(zf * 6, 1) < 0.3) | (hgt > 0.6)
+      img_side[fence] = (np.array([120, 110, 100], np.float32) * bright if is_fence
+                         else np.array([160, 155, 150], np.float32) * bright)
+      lab_side[fence] = FENCE if is_fence else WALL
 
   # --- objects, far (small t) to near -----------------------------------------------------
   objs = []
