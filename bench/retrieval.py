@@ -32,7 +32,7 @@ PAPER_MS_PER_INPUT = 5.0  # Sec. S1.1.1: "retrieval latency is up to 5 ms" on a 
 
 def class_sizes(num_keys: int, num_classes: int, max_per_class: int) -> np.ndarray:
   """As many full classes as fit, the rest shared evenly by the remaining classes."""
-  full = min(num_classes - 1, num_keys // max_per_class)
+  full = min(num_classes - 1, (num_keys - num_classes + 1) // max_per_class)
   rest = num_keys - full * max_per_class
   tail = np.full(num_classes - full, rest // (num_classes - full))
   tail[: rest % (num_classes - full)] += 1
