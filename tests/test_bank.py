@@ -264,3 +264,19 @@ def test_bad_inputs_raise_bank_error(tmp_path):
   with pytest.raises(bk.BankError, match=r'class ids span \[0, 3\]: expected \[0, 2\)'):
     bk.build(feature_fn, inputs, tmp_path / 'b', max_per_class=10, num_classes=2, progress=False)
   assert not (tmp_path / 'b').exists()
+
+
+def test_head_avatar_bank_without_classes(tmp_path):
+  """Issue 7 layout: one key per frame (grid 1x1), the value is the whole frame, no classes."""
+  rng = np.random.default_rng(8)
+  frames = [rng.random((4, 6, 6, 3)).astype(np.float32) for _ in range(3)]
+  codes = [rng.normal(size=(4, 1, 1, 7)).astype(np.float32) for _ in range(3)]
+  m = bk.build(lambda i: (codes[i], frames[i], None), range(3), tmp_path / 'bank',
+               max_per_class=100, progress=False)
+  assert m['num_classes'] == 1 and m['grid'] == [1, 1] and m['value_shape'] == [6, 6, 3]
+  bank = bk.load(tmp_path / 'bank', expect=dict(key_dim=7, num_classes=1))
+  q = codes[1][2:3] + 1e-3
+  got = bk.retrieve(bank, jnp.asarray(q), backend='device')
+  np.testing.assert_array_equal(np.asarray(got)[0], frames[1][2])
+  np.testing.assert_array_equal(np.asarray(bk.retrieve(bank, jnp.asarray(q), backend='faiss')),
+                                np.asarray(got))
