@@ -1,0 +1,31 @@
+"""Build the guiding bank of a trained backbone (FIANCEE Sec. 3.3 / 4.1).
+
+  python build_bank.py --config configs/oasis_synthetic.py --workdir runs/demo [--force]
+
+Reads the backbone checkpoint in --workdir, writes <workdir>/bank (keys, values, classes,
+FAISS indices, the K fixed noises, manifest). An up-to-date bank is kept unless --force.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
+flags.DEFINE_string('workdir', None, 'experiment directory (holds the backbone checkpoint)')
+flags.DEFINE_bool('force', False, 'rebuild even if a valid bank exists')
+flags.DEFINE_integer('batch_size', 16, 'label maps x noises per backbone batch')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from fiancee_jax import bank, fiancee
+  from fiancee_jax.config import ConfigError
+  try:
+    fiancee.build_bank(FLAGS.config, FLAGS.workdir, force=FLAGS.force,
+                       batch_size=FLAGS.batch_size)
+  except (fiancee.PipelineError, bank.BankError, ConfigError) as e:
+    raise SystemExit(f'build_bank.py: {e}') from None
+
+
+if __name__ == '__main__':
+  app.run(main)
