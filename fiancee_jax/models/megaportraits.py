@@ -301,3 +301,44 @@ def from_config(config, axis_name: str | None = None) -> HeadAvatar:
                     up_channels=tuple(m.up_channels), enc_ch=m.enc_ch, expr_dim=m.expr_dim,
                     motion_ch=m.motion_ch, axis_name=axis_name,
                     dtype=dtype_of(config.dtype))
+
+
+def abstract(config, batch: int = 1):
+  """(model, abstract variables, abstract G2D input, abstract source/driver) of a config."""
+  model = from_config(config)
+  h, w = config.data.height, config.data.width
+  img = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+  g2d_in = jax.ShapeDtypeStruct((batch, h // 8, w // 8, config.model.g2d_in), jnp.float32)
+  variables = jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b, False), img, img)
+  return model, variables, g2d_in, img
+
+
+def _flops_routes(config) -> list:
+  """GMAC route of the backbone = G2D from its input (what the paper's 213 GMACs counts,
+  Sec. 4.2: the 9 ResBlock2D modules + 1x1 in / conv out); the front end (shared by every
+  exit) is reported alongside in the route's extras."""
+  from fiancee_jax.metrics import flops
+  model, variables, g2d_in, img = abstract(config)
+  g2d_vars = {k: {'g2d': v['g2d']} for k, v in variables.items()}
+
+  def backbone(v, x):
+    return nn.apply(lambda mdl, z: mdl.g2d(z, False)[0], model)(v, x)
+
+  def front(v, a, b):
+    return model.apply(v, a, b, False, method=HeadAvatar.encode)[0]
+
+  n_front = flops.count_params({k: v for k, v in variables['params'].items() if k != 'g2d'})
+  front_macs = flops.count_macs(front, variables, img, img)
+  return [flops.Route('backbone', backbone, (g2d_vars, g2d_in),
+                      flops.count_params(variables['params']['g2d']),
+                      (config.data.height, config.data.width),
+                      {'counts': 'G2D', 'front_end_gmacs': round(front_macs / 1e9, 3),
+                       'front_end_params': n_front})]
+
+
+def _register_flops_routes() -> None:
+  from fiancee_jax.metrics import flops
+  flops.register_routes('megaportraits', _flops_routes)
+
+
+_register_flops_routes()
