@@ -128,12 +128,19 @@ def _load_zip(path: str) -> Any:
     return _Unpickler(io.BytesIO(zf.read(pkl[0])), load_storage).load()
 
 
+def _plain_load(f: io.BufferedIOBase) -> Any:
+  """A header pickle (ints, dicts, key lists): same restrictions, no storages."""
+  def no_storage(pid: tuple) -> None:
+    raise UnsafeArchiveError(f'unexpected storage {pid!r} in a torch file header')
+  return _Unpickler(f, no_storage).load()
+
+
 def _load_legacy(path: str) -> Any:
   with open(path, 'rb') as f:
-    if pickle.load(f) != _LEGACY_MAGIC:  # plain ints/dicts: safe with any unpickler
+    if _plain_load(f) != _LEGACY_MAGIC:
       raise ValueError(f'{path}: neither a torch zip archive nor a legacy torch file')
-    pickle.load(f)  # protocol version
-    info = pickle.load(f)
+    _plain_load(f)  # protocol version
+    info = _plain_load(f)
     if not info.get('little_endian', True):
       raise ValueError(f'{path}: big-endian torch files are not supported')
     storages: dict[str, np.dtype] = {}
@@ -144,7 +151,7 @@ def _load_legacy(path: str) -> Any:
       return _Deferred(key, stype.dtype, numel)
 
     obj = _Unpickler(f, load_storage).load()
-    keys = pickle.load(f)
+    keys = _plain_load(f)
     data = {}
     for key in keys:
       (count,) = struct.unpack('<q', f.read(8))
