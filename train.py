@@ -1,0 +1,36 @@
+"""Train one stage of an experiment: `--stage=backbone` (OASIS G + D), `branches`, `predictor`.
+
+  python train.py --config configs/oasis_synthetic.py --workdir runs/demo --stage=backbone
+  python train.py --config configs/oasis_synthetic.py:tiny --workdir /tmp/t --stage=backbone
+
+Resumes from the latest checkpoint in --workdir; SIGTERM / Ctrl-C finish the current step,
+save and exit. Multi-host: set JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
+JAX_PROCESS_ID) or FIANCEE_DISTRIBUTED=1 and start the same command on every host.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
+flags.DEFINE_enum('stage', 'backbone', ['backbone', 'branches', 'predictor'], 'Stage to train.')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+_PENDING = {'branches': 'the exit-branch training issue',
+            'predictor': 'the LPIPS-predictor training issue'}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from fiancee_jax.train import parallel
+  parallel.maybe_initialize_distributed()
+  if FLAGS.stage == 'backbone':
+    from fiancee_jax.train import backbone
+    backbone.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    raise app.UsageError(f'--stage={FLAGS.stage}: not implemented yet: {_PENDING[FLAGS.stage]}')
+
+
+if __name__ == '__main__':
+  app.run(main)
