@@ -118,3 +118,22 @@ def test_lpips_j_h5_and_errors(params, tmp_path):
 
 def params_to_weights(params):
   return {'vgg': params['vgg'], 'lin': {f'lin{k}': params[f'lin{k}'] for k in range(5)}}
+
+
+def test_torch_files_source(params, tmp_path):
+  """(torchvision VGG16 state_dict, lpips v0.1 vgg.pth) -> the same params, read without torch."""
+  import importlib.util
+  spec = importlib.util.find_spec('lpips')
+  if spec is None:
+    pytest.skip('the `lpips` package (test dependency) is not installed')
+  heads = os.path.join(list(spec.submodule_search_locations)[0], 'weights', 'v0.1', 'vgg.pth')
+  trunk = tmp_path / 'vgg16.pth'
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
+              for k, v in vgg.to_torchvision(params['vgg'], 'vgg16').items()}, trunk)
+  p2 = lpips.load_params((trunk, heads))
+  for name, leaf in params['vgg'].items():
+    np.testing.assert_array_equal(p2['vgg'][name]['kernel'], leaf['kernel'])
+    np.testing.assert_array_equal(p2['vgg'][name]['bias'], leaf['bias'])
+  np.testing.assert_allclose(p2['lin4'], params['lin4'], atol=1e-7)
+  with pytest.raises(lpips_weights.MissingWeightsError, match='not found'):
+    lpips.load_params((trunk, tmp_path / 'none.pth'))
