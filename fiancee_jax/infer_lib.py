@@ -237,6 +237,33 @@ def infer_one(pipeline: Any, labels: np.ndarray, z: np.ndarray, threshold: float
   return np.asarray(image[0]), info
 
 
+def infer_file(config: ml_collections.ConfigDict, workdir: str, *, label: str | None = None,
+               index: int | None = None, split: str = 'test', noise_seed: int = 0,
+               threshold: float = TARGET_LPIPS, offset: float = 0.0, verify: bool = False,
+               out: str | None = None, repeats: int = 5, pipeline: Any = None) -> dict[str, Any]:
+  """`infer.py` for one input: a label PNG (or a data split index) + a noise seed -> writes
+  the image (default `<workdir>/infer/<name>_t<threshold>.png`) and returns the info dict
+  (with `image` = the written path). Inputs are checked before any stage is loaded."""
+  from fiancee_jax.train import logging as tlog  # noqa: PLC0415
+  t = check_threshold(threshold)
+  if (label is None) == (index is None):
+    raise InferError('give exactly one of --label (a label-id PNG) or --index (a data split '
+                     'index)')
+  if label is not None:
+    labels = read_label(label, config)
+    name = os.path.splitext(os.path.basename(label))[0]
+  else:
+    labels = dataset_label(config, workdir, split, int(index))
+    name = f'{split}{int(index)}'
+  pipeline = pipeline or load(config, workdir)
+  image, info = infer_one(pipeline, labels, noise(config, noise_seed), t, offset=offset,
+                          verify=verify, repeats=repeats)
+  out = out or os.path.join(os.path.abspath(workdir), 'infer', f'{name}_s{noise_seed}_t{t:g}.png')
+  tlog.write_png(out, tlog.to_uint8(image))
+  info.update(image=out, noise_seed=int(noise_seed), input=label or f'{split}[{index}]')
+  return info
+
+
 # ---------------------------------------------------------------------------------------------
 # Batched routed inference.
 

@@ -1,0 +1,140 @@
+"""`make demo`: every stage of one experiment in order, reusing the finished ones.
+
+  python -m fiancee_jax.demo --config configs/oasis_synthetic.py --workdir runs/demo
+
+prepare data -> train.py --stage=backbone -> build_bank.py -> train.py --stage=branches ->
+train.py --stage=predictor -> infer.py --sweep (report). A stage is skipped when its output
+in --workdir is complete (a checkpoint at the configured step count, a bank manifest, a report
+newer than the predictor). Training stages run as the same commands a user would type (their
+console progress shows through); the sweep runs in this process. `--backbone_from DIR` starts
+from a backbone checkpoint shipped in DIR (DIR/checkpoints/backbone, copied once). Ends by
+printing the report's path and its headline numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ('data', 'backbone', 'bank', 'branches', 'predictor', 'report')
+
+
+def _latest_step(workdir: str, stage: str) -> int | None:
+  from fiancee_jax.train import checkpoint  # noqa: PLC0415
+  d = checkpoint.checkpoint_dir(workdir, stage)
+  if not os.path.isdir(d):
+    return None
+  steps = [int(n) for n in os.listdir(d) if n.isdigit()
+           and os.path.isdir(os.path.join(d, n, 'state'))]
+  return max(steps) if steps else None
+
+
+def stage_done(config: Any, workdir: str, stage: str) -> bool:
+  """Whether `stage`'s output in `workdir` is complete for this config."""
+  from fiancee_jax.train import predictor as tp  # noqa: PLC0415
+  if stage == 'data':
+    return False  # prepare() itself is idempotent and cheap when done
+  if stage in ('backbone', 'branches', 'predictor'):
+    want = {'backbone': config.train.num_steps, 'branches': config.branches.num_steps,
+            'predictor': config.predictor.num_steps}[stage]
+    step = _latest_step(workdir, stage)
+    return step is not None and step >= want
+  if stage == 'bank':
+    return os.path.exists(os.path.join(os.path.abspath(workdir), 'bank', 'manifest.json'))
+  if stage == 'report':
+    summary = os.path.join(os.path.abspath(workdir), 'report', 'summary.json')
+    from fiancee_jax.train import checkpoint  # noqa: PLC0415
+    pred = checkpoint.checkpoint_dir(workdir, 'predictor')
+    return (os.path.exists(summary) and os.path.isdir(pred)
+            and os.path.getmtime(summary) >= os.path.getmtime(pred)
+            and os.path.exists(os.path.join(tp.stage_dir(workdir), 'eval.json')))
+  raise ValueError(f'stage {stage!r}: expected one of {STAGES}')
+
+
+def _command(stage: str, config_arg: Sequence[str], workdir: str) -> list[str]:
+  py = sys.executable
+  if stage == 'bank':
+    return [py, os.path.join(REPO, 'build_bank.py'), *config_arg, f'--workdir={workdir}']
+  return [py, os.path.join(REPO, 'train.py'), *config_arg, f'--workdir={workdir}',
+          f'--stage={stage}']
+
+
+def headline(summary: dict[str, Any]) -> str:
+  return (f'threshold {summary["threshold"]:g}: mean LPIPS {summary["mean_lpips"]:.4f}, '
+          f'violation rate {summary["violation_rate"]:.3f}, GMACs share '
+          f'{summary["gmacs_share"]:.3f} of the backbone, wall-clock speed-up '
+          f'x{summary["latency_speedup"]:.2f} (routed batched vs backbone, {summary["device"]})'
+          + ('' if summary.get('meets_target', True) else
+             ' [no swept threshold reached mean LPIPS <= 0.1]'))
+
+
+def run(config: Any, workdir: str, config_arg: Sequence[str], *,
+        backbone_from: str | None = None, stages: Sequence[str] = STAGES) -> dict[str, Any]:
+  """Run the missing stages; returns the report summary."""
+  from fiancee_jax import data, infer_lib  # noqa: PLC0415
+  from fiancee_jax.train import checkpoint  # noqa: PLC0415
+  from fiancee_jax.train import predictor as tp  # noqa: PLC0415
+  os.makedirs(workdir, exist_ok=True)
+  t_all = time.perf_counter()
+  summary = None
+  for i, stage in enumerate(stages):
+    head = f'[demo {i + 1}/{len(stages)}] {stage}'
+    if stage_done(config, workdir, stage):
+      print(f'{head}: done already in {workdir}, reused', flush=True)
+      continue
+    t0 = time.perf_counter()
+    print(f'{head}: running', flush=True)
+    if stage == 'data':
+      path = data.prepare(config.data, tp.data_dir(config, workdir))
+      print(f'{head}: {path}', flush=True)
+    elif stage == 'report':
+      summary = infer_lib.sweep(config, workdir)
+    else:
+      if stage == 'backbone' and backbone_from and _latest_step(workdir, 'backbone') is None:
+        src = checkpoint.checkpoint_dir(backbone_from, 'backbone')
+        if not os.path.isdir(src):
+          raise FileNotFoundError(f'--backbone_from={backbone_from!r}: no {src}')
+        shutil.copytree(src, checkpoint.checkpoint_dir(workdir, 'backbone'))
+        print(f'{head}: copied the shipped checkpoint {src}', flush=True)
+        if stage_done(config, workdir, stage):
+          continue
+      cmd = _command(stage, config_arg, workdir)
+      print('  $ ' + ' '.join(cmd), flush=True)
+      rc = subprocess.call(cmd, cwd=REPO)
+      if rc != 0:
+        raise SystemExit(f'{head} failed (exit code {rc}); fix it and rerun: finished stages '
+                         'are reused')
+    print(f'{head}: {time.perf_counter() - t0:.0f} s', flush=True)
+  if summary is None:
+    with open(os.path.join(os.path.abspath(workdir), 'report', 'summary.json')) as f:
+      summary = json.load(f)
+  print(f'[demo] all stages in {time.perf_counter() - t_all:.0f} s', flush=True)
+  print(f'[demo] report: {summary["report"]}', flush=True)
+  print(f'[demo] {headline(summary)}', flush=True)
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  filename = config_flags.get_config_filename(f['config'])
+  overrides = config_flags.get_override_values(f['config'])
+  config_arg = [f'--config={filename}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
+  run(f.config, f.workdir, config_arg, backbone_from=f.backbone_from)
+
+
+if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where every stage writes.')
+  flags.DEFINE_string('backbone_from', None, 'Workdir of a shipped backbone checkpoint.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

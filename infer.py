@@ -1,0 +1,66 @@
+"""Inference with early exits: one input, or the threshold sweep that writes the report.
+
+  python infer.py --config configs/oasis_synthetic.py --workdir runs/demo \
+      --label path/to/labelIds.png --noise_seed 0 --threshold 0.1 [--verify] [--out out.png]
+  python infer.py --config configs/oasis_synthetic.py --workdir runs/demo --index 3 --threshold 0.1
+  python infer.py --config configs/oasis_synthetic.py --workdir runs/demo --sweep \
+      [--thresholds 0.05,0.1,0.2]
+
+One input prints a JSON line: chosen exit, predicted (and with --verify true) LPIPS, GMACs,
+latency; the image goes to --out (default <workdir>/infer/<name>_t<threshold>.png).
+--sweep writes <workdir>/report/ (report.md, summary.json, figures).
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Workdir holding the trained stages.')
+flags.DEFINE_string('label', None, 'Label-id PNG (single channel, class ids).')
+flags.DEFINE_integer('index', None, 'Use label map --index of the --split data split instead.')
+flags.DEFINE_string('split', 'test', 'Data split for --index.')
+flags.DEFINE_integer('noise_seed', 0, 'Seed of the noise z.')
+flags.DEFINE_string('threshold', '0.1', 'LPIPS threshold (> 0).')
+flags.DEFINE_float('offset', 0.0, 'Conformal offset added to predictions (0 = paper rule).')
+flags.DEFINE_bool('verify', False, 'Also compute the true LPIPS against the backbone image.')
+flags.DEFINE_string('out', None, 'Output PNG path for one input.')
+flags.DEFINE_bool('sweep', False, 'Sweep thresholds over the test split and write the report.')
+flags.DEFINE_list('thresholds', None, 'Thresholds for --sweep (default config.routing).')
+flags.DEFINE_string('nobank_workdir', None, 'Workdir of an unguided run, for Fig. 8.')
+flags.DEFINE_integer('repeats', 3, 'Timing repeats (median).')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from fiancee_jax import infer_lib
+  try:
+    if FLAGS.sweep:
+      ts = None if FLAGS.thresholds is None else [infer_lib.check_threshold(t)
+                                                   for t in FLAGS.thresholds]
+      summary = infer_lib.sweep(FLAGS.config, FLAGS.workdir, thresholds=ts,
+                                nobank_workdir=FLAGS.nobank_workdir, repeats=FLAGS.repeats)
+      print(json.dumps(summary, default=str))
+      return
+    t = infer_lib.check_threshold(FLAGS.threshold)
+    info = infer_lib.infer_file(FLAGS.config, FLAGS.workdir, label=FLAGS.label,
+                                index=FLAGS.index, split=FLAGS.split, noise_seed=FLAGS.noise_seed,
+                                threshold=t, offset=FLAGS.offset, verify=FLAGS.verify,
+                                out=FLAGS.out, repeats=max(FLAGS.repeats, 1))
+    print(json.dumps(info))
+  except (infer_lib.InferError, FileNotFoundError) as e:
+    sys.exit(f'infer.py: {e}')
+  except ValueError as e:  # stage loaders raise ValueError subclasses (CheckpointError, ...)
+    if type(e).__name__ in ('CheckpointError', 'BankError', 'PipelineError', 'DataError',
+                            'ConfigError'):
+      sys.exit(f'infer.py: {e}')
+    raise
+
+
+if __name__ == '__main__':
+  app.run(main)
