@@ -183,6 +183,25 @@ def angle_loss(pred: Array, target: Array) -> Array:
   return jnp.mean(jnp.abs(pred - target.astype(jnp.float32))) / 90.0
 
 
+def pair_batch(pairs: Mapping[str, Any]) -> dict[str, Array]:
+  """Loader batch of `fiancee_jax.data.reenactment_pairs` -> the batch `g_loss` takes.
+
+  source_image / driver_image uint8 (B, H, W, 3) -> 'source' / 'driver' in [-1, 1];
+  driver_mask uint8 (B, H, W) in {0, 255} -> 'mask' (B, H, W, 1) in {0, 1}; driver_pose
+  (B, 3) yaw, pitch, roll degrees (synthetic_heads) -> 'angles' when present."""
+  for k in ('source_image', 'driver_image', 'driver_mask'):
+    if k not in pairs:
+      raise KeyError(f"pair_batch: expected reenactment pairs with '{k}' (have {sorted(pairs)})")
+  to_pm1 = lambda a: jnp.asarray(a, jnp.float32) / 127.5 - 1.0  # noqa: E731
+  mask = jnp.asarray(pairs['driver_mask'], jnp.float32)
+  mask = mask / 255.0 if jnp.asarray(pairs['driver_mask']).dtype == jnp.uint8 else mask
+  out = {'source': to_pm1(pairs['source_image']), 'driver': to_pm1(pairs['driver_image']),
+         'mask': mask[..., None] if mask.ndim == 3 else mask}
+  if 'driver_pose' in pairs:
+    out['angles'] = jnp.asarray(pairs['driver_pose'], jnp.float32)
+  return out
+
+
 def g_loss(g_params: PyTree, g_state: PyTree, d_params: PyTree, batch: Mapping[str, Array], *,
            model, disc, weights: Mapping[str, float], vgg_params: PyTree = None,
            vgg_fn: VggFn | None = None, ms_ssim_fn: MsSsimFn | None = None,
@@ -193,7 +212,8 @@ def g_loss(g_params: PyTree, g_state: PyTree, d_params: PyTree, batch: Mapping[s
   batch: 'source', 'driver' (B, H, W, 3) in [-1, 1]; 'mask' (B, H, W, 1) foreground;
   optional 'target' (default: the driver, self-reenactment) and 'angles' (B, 3) degrees of
   the driver (supervises the motion encoder, weight `angle_weight`, key 'angles' in
-  `weights` overrides it). g_state: the model's non-param collections ({'batch_stats'}).
+  `weights` overrides it) -- `pair_batch` makes it from the data loader's pairs.
+  g_state: the model's non-param collections ({'batch_stats'}).
   Returns (loss, (metrics, new g_state, generated image)); differentiate w.r.t. g_params."""
   for k in ('source', 'driver', 'mask'):
     if k not in batch:
