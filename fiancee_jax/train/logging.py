@@ -12,7 +12,6 @@ import time
 from typing import Mapping
 
 import numpy as np
-from absl import logging as absl_logging
 from PIL import Image
 
 from fiancee_jax.data.common import colorize
@@ -51,7 +50,6 @@ class Progress:
              f'ETA {_fmt_duration(eta) if np.isfinite(eta) else "?"}']
     parts += [f'{k} {float(v):.4f}' for k, v in sorted(metrics.items())]
     line = ' | '.join(parts)
-    absl_logging.info('%s', line)
     print(line, flush=True)
     return line
 
