@@ -119,8 +119,8 @@ def load(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _predictor_of(pipeline: Any) -> Callable:
-  return lambda params, feats: pipeline.predictor.apply({'params': params['predictor']},
-                                                        feats['block1'])
+  # params['predictor'] holds the predictor's variables ({'params': ...}, fiancee.py).
+  return lambda params, feats: pipeline.predictor.apply(params['predictor'], feats['block1'])
 
 
 _JIT_CACHE: dict[int, tuple[Any, dict]] = {}
@@ -348,8 +348,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, *,
   print('[sweep] predictor datasets (cached by train.py --stage=predictor)', flush=True)
   test = tp.dataset(config, workdir, 'test', pipeline)
   cal = tp.dataset(config, workdir, 'calibration', pipeline)
-  pred = tp.predict(pipeline.predictor, pipeline.params['predictor'], test['feats'])
-  pred_cal = tp.predict(pipeline.predictor, pipeline.params['predictor'], cal['feats'])
+  pred = tp.predict(pipeline.predictor, pipeline.params['predictor']['params'], test['feats'])
+  pred_cal = tp.predict(pipeline.predictor, pipeline.params['predictor']['params'], cal['feats'])
   true, true_cal = test['targets'], cal['targets']
   rows = routing.sweep_rows(pred, true, costs, thresholds, alpha, pred_cal, true_cal)
   head, met = headline_row(rows, 'calibrated_')

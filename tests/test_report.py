@@ -1,0 +1,55 @@
+"""Report rendering from a sweep result (synthetic numbers: checks the files and tables)."""
+import json
+import os
+
+import numpy as np
+
+from fiancee_jax import report, routing
+
+
+def _result():
+  rng = np.random.default_rng(0)
+  true = rng.uniform(0.02, 0.4, size=(30, 2))
+  pred = true + rng.normal(0, 0.02, size=true.shape)
+  costs = np.array([1.0, 2.0, 5.0])
+  rows = routing.sweep_rows(pred, true, costs, (0.05, 0.1, 0.2), 0.2, pred[:15], true[:15])
+  lat = {'batch_size': 4, 'num_images': 8, 'repeats': 1, 'per_route_ms_per_image': [1., 2., 4.],
+         'backbone_ms_per_image': 4.0, 'routed_ms_per_image': 2.5, 'speedup': 1.6,
+         'routed_parts_ms_per_image': {'prefix_and_predictor': .2, 'routes': 2.2,
+                                       'host_dispatch': .1},
+         'overhead_batch1': {'cheapest_route': 'exit1', 'cheapest_route_ms': 1.0,
+                             'prefix_and_predictor_ms': .2, 'prefix_ms': .1,
+                             'prefix_and_retrieval_ms': .15, 'predictor_share_of_cheapest': .2,
+                             'retrieval_share_of_cheapest': .05}}
+  summary = {'threshold': 0.1, 'rule': 'conformal', 'meets_target': True,
+             'target_mean_lpips': 0.1, 'mean_lpips': 0.05, 'violation_rate': 0.1,
+             'gmacs_share': 0.5, 'mean_gmacs': 2.5, 'backbone_gmacs': 5.0, 'offset': 0.01,
+             'latency_speedup': 1.6, 'gain_gmacs_per_lpips': float('nan'),
+             'routing_overhead_share_of_cheapest': 0.25,
+             'paper_rule': {'threshold': 0.2, 'meets_target': True, 'mean_lpips': 0.09,
+                            'violation_rate': 0.4, 'gmacs_share': 0.4,
+                            'gain_gmacs_per_lpips': 10.0},
+             'num_test': 30, 'device': 'cpu', 'config': 'test'}
+  imgs = [rng.uniform(-1, 1, size=(2, 32, 64, 3)) for _ in range(3)]
+  return {'summary': summary, 'rows': rows, 'exits': [1, 2], 'costs': costs.tolist(),
+          'alpha': 0.2, 'true': true, 'pred': pred, 'true_nobank': true * 1.5,
+          'fig9': [{'exit': 1, 'threshold': 0.2, 'single': true[:, 0].tolist(),
+                    'routed': (true[:, 0] * 0.5).tolist()}],
+          'latency': lat, 'predictor_eval': None,
+          'samples': {'labels': np.zeros((2, 32, 64), np.int32), 'exits': imgs,
+                      'routed': imgs[0], 'routed_exit': [0, 2]}}
+
+
+def test_write_report(tmp_path):
+  res = _result()
+  paths = report.write(str(tmp_path), res)
+  for name in report.FIGURES:
+    assert os.path.getsize(paths[name]) > 1000, name
+  md = open(paths['report']).read()
+  # one table row per threshold, with the calibrated exit counts of that row
+  for r in res['rows']:
+    cells = ' | '.join(str(c) for c in r['calibrated_exit_counts'])
+    assert f'| {r["threshold"]:g} |' in md and cells in md
+  s = json.load(open(paths['summary']))
+  assert s['gain_gmacs_per_lpips'] == 'nan' and s['gmacs_share'] == 0.5
+  assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
