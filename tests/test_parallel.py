@@ -1,0 +1,89 @@
+"""Data parallel: one OASIS step on 4 fake devices (shard_map and pmap) equals one step on one
+device on the same global batch (sync BN + global class weights + per-example z make it so)."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fiancee_jax import config as cfg
+from fiancee_jax.train import backbone, parallel
+
+
+@pytest.fixture(scope='module')
+def setup():
+  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'oasis_synthetic.py'),
+               'tiny')
+  models, dp4 = backbone.compiled(c)   # shard_map over all 4 devices (shared with train tests)
+  state0 = backbone.create_train_state(c, models)
+  rng = np.random.default_rng(0)
+  h, w = c.data.height, c.data.width
+  labels = rng.integers(0, 6, (4, h, w)).astype(np.uint8)
+  labels[:, :8] = rng.integers(20, 27, (4, 8, w))  # a few more classes, some rare
+  batch = {'image': rng.integers(0, 256, (4, h, w, 3)).astype(np.uint8), 'label': labels}
+  dp1 = parallel.wrap(backbone.make_step(models), 'shard_map', devices=jax.devices()[:1])
+  ref, ref_metrics = dp1(dp1.put_state(state0), dp1.put_batch(batch))
+  return c, models, dp4, state0, batch, dp1.get_state(ref), ref_metrics
+
+
+def _assert_close(a, b, atol):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_grads_and_params(out, ref, opt_out, opt_ref):
+  """Gradients (Adam's mu = g with beta1 = 0) agree to float tolerance; so do the updated
+  params wherever the gradient is not rounding noise (Adam's first step is lr * g / |g|, so a
+  bias whose gradient is analytically 0 -- a conv before batch norm -- moves by an arbitrary
+  sign of its noise)."""
+  mu_out, mu_ref = opt_out[0].mu, opt_ref[0].mu
+  leaves = zip(jax.tree_util.tree_leaves_with_path(mu_ref), jax.tree.leaves(mu_out),
+               jax.tree.leaves(ref), jax.tree.leaves(out))
+  for (path, g_ref), g_out, p_ref, p_out in leaves:
+    g_ref, g_out = np.asarray(g_ref), np.asarray(g_out)
+    scale = float(np.abs(g_ref).max()) + 1e-12
+    np.testing.assert_allclose(g_out, g_ref, atol=1e-3 * scale, rtol=1e-3,
+                               err_msg='grad ' + jax.tree_util.keystr(path))
+    real = np.abs(g_ref) > 1e-2 * scale
+    if real.any():
+      np.testing.assert_allclose(np.asarray(p_out)[real], np.asarray(p_ref)[real], atol=1e-6,
+                                 rtol=1e-5, err_msg='param ' + jax.tree_util.keystr(path))
+
+
+def test_single_step_sane(setup):
+  c, _, _, state0, _, ref, metrics = setup
+  assert jax.device_count() == 4
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert int(ref.step) == 1
+  changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params_g, state0.params_g)
+  assert max(jax.tree.leaves(changed)) > 1e-5
+  changed_d = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params_d, state0.params_d)
+  assert max(jax.tree.leaves(changed_d)) > 1e-5
+  d = c.train.ema_decay  # EMA after one step: decay * init + (1 - decay) * new
+  _assert_close(ref.ema_params_g,
+                jax.tree.map(lambda p0, p1: d * p0 + (1 - d) * p1, state0.params_g, ref.params_g),
+                atol=1e-7)
+  assert not np.allclose(ref.state_g['batch_stats']['body_0']['norm_0']['first_norm']['mean'],
+                         state0.state_g['batch_stats']['body_0']['norm_0']['first_norm']['mean'])
+
+
+@pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
+def test_four_devices_equal_one(setup, mode):
+  _, models, dp4, state0, batch, ref, ref_metrics = setup
+  dp = dp4 if mode == 'shard_map' else parallel.wrap(backbone.make_step(models), 'pmap')
+  assert dp.num_devices == 4
+  out, metrics = dp(dp.put_state(state0), dp.put_batch(batch))
+  out = dp.get_state(out)
+  for k in ref_metrics:
+    np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=1e-4, atol=1e-5)
+  _assert_grads_and_params(out.params_g, ref.params_g, out.opt_g, ref.opt_g)
+  _assert_grads_and_params(out.params_d, ref.params_d, out.opt_d, ref.opt_d)
+  _assert_close(out.state_g, ref.state_g, atol=1e-5)   # synced running stats, SN vectors
+
+
+def test_batch_must_split_over_devices():
+  with pytest.raises(ValueError, match='multiple of the number of devices'):
+    parallel.check_batch_size(6, 4)
+  with pytest.raises(ValueError, match="parallel='nope'"):
+    parallel.wrap(lambda s, b, axis_name: (s, {}), 'nope')
