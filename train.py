@@ -7,6 +7,8 @@ Resumes from the latest checkpoint in --workdir; SIGTERM / Ctrl-C finish the cur
 save and exit. Multi-host: set JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
 JAX_PROCESS_ID) or FIANCEE_DISTRIBUTED=1 and start the same command on every host.
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,8 +28,12 @@ def main(argv):
   from fiancee_jax.train import parallel
   parallel.maybe_initialize_distributed()
   if FLAGS.stage == 'backbone':
-    from fiancee_jax.train import backbone
-    backbone.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    from fiancee_jax.config import ConfigError
+    from fiancee_jax.train import backbone, checkpoint
+    try:
+      backbone.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (checkpoint.CheckpointError, ConfigError) as e:
+      sys.exit(f'train.py: {e}')  # one clear message, no traceback
   else:
     raise app.UsageError(f'--stage={FLAGS.stage}: not implemented yet: {_PENDING[FLAGS.stage]}')
 
