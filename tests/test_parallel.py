@@ -32,42 +32,6 @@ def _assert_close(a, b, atol):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def _assert_grads_and_params(out, ref, opt_out, opt_ref):
-  """Gradients (Adam's mu = g with beta1 = 0) agree to float tolerance; so do the updated
-  params wherever the gradient is not rounding noise (Adam's first step is lr * g / |g|, so a
-  bias whose gradient is analytically 0 -- a conv before batch norm -- moves by an arbitrary
-  sign of its noise)."""
-  mu_out, mu_ref = opt_out[0].mu, opt_ref[0].mu
-  leaves = zip(jax.tree_util.tree_leaves_with_path(mu_ref), jax.tree.leaves(mu_out),
-               jax.tree.leaves(ref), jax.tree.leaves(out))
-  for (path, g_ref), g_out, p_ref, p_out in leaves:
-    g_ref, g_out = np.asarray(g_ref), np.asarray(g_out)
-    scale = float(np.abs(g_ref).max()) + 1e-12
-    np.testing.assert_allclose(g_out, g_ref, atol=1e-3 * scale, rtol=1e-3,
-                               err_msg='grad ' + jax.tree_util.keystr(path))
-    real = np.abs(g_ref) > 1e-2 * scale
-    if real.any():
-      np.testing.assert_allclose(np.asarray(p_out)[real], np.asarray(p_ref)[real], atol=1e-6,
-                                 rtol=1e-5, err_msg='param ' + jax.tree_util.keystr(path))
-
-
-def test_single_step_sane(setup):
-  c, _, _, state0, _, ref, metrics = setup
-  assert jax.device_count() == 4
-  assert all(np.isfinite(float(v)) for v in metrics.values())
-  assert int(ref.step) == 1
-  changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params_g, state0.params_g)
-  assert max(jax.tree.leaves(changed)) > 1e-5
-  changed_d = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params_d, state0.params_d)
-  assert max(jax.tree.leaves(changed_d)) > 1e-5
-  d = c.train.ema_decay  # EMA after one step: decay * init + (1 - decay) * new
-  _assert_close(ref.ema_params_g,
-                jax.tree.map(lambda p0, p1: d * p0 + (1 - d) * p1, state0.params_g, ref.params_g),
-                atol=1e-7)
-  assert not np.allclose(ref.state_g['batch_stats']['body_0']['norm_0']['first_norm']['mean'],
-                         state0.state_g['batch_stats']['body_0']['norm_0']['first_norm']['mean'])
-
-
 @pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
 def test_four_devices_equal_one(setup, mode):
   _, models, dp4, state0, batch, ref, ref_metrics = setup
@@ -77,9 +41,10 @@ def test_four_devices_equal_one(setup, mode):
   out = dp.get_state(out)
   for k in ref_metrics:
     np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=1e-4, atol=1e-5)
-  _assert_grads_and_params(out.params_g, ref.params_g, out.opt_g, ref.opt_g)
-  _assert_grads_and_params(out.params_d, ref.params_d, out.opt_d, ref.opt_d)
-  _assert_close(out.state_g, ref.state_g, atol=1e-5)   # synced running stats, SN vectors
+  _assert_close(out.params_g, ref.params_g, atol=2e-5)
+  _assert_close(out.params_d, ref.params_d, atol=2e-5)
+  _assert_close(out.state_g, ref.state_g, atol=2e-5)   # synced running stats, SN vectors
+  _assert_close(out.opt_g, ref.opt_g, atol=2e-5)       # Adam mu = the gradient (beta1 = 0)
 
 
 def test_batch_must_split_over_devices():
