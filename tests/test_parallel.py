@@ -32,6 +32,24 @@ def _assert_close(a, b, atol):
                                err_msg=jax.tree_util.keystr(path))
 
 
+def test_single_step_sane(setup):
+  c, _, _, state0, _, ref, metrics = setup
+  assert jax.device_count() == 4
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert int(ref.step) == 1
+  changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params_g, state0.params_g)
+  assert max(jax.tree.leaves(changed)) > 1e-5
+  changed_d = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), ref.params_d, state0.params_d)
+  assert max(jax.tree.leaves(changed_d)) > 1e-5
+  d = c.train.ema_decay  # EMA after one step: decay * init + (1 - decay) * new
+  _assert_close(ref.ema_params_g,
+                jax.tree.map(lambda p0, p1: d * p0 + (1 - d) * p1, state0.params_g, ref.params_g),
+                atol=1e-7)
+  assert not np.allclose(ref.state_g['batch_stats']['body_0']['norm_0']['first_norm']['mean'],
+                         state0.state_g['batch_stats']['body_0']['norm_0']['first_norm']['mean'])
+
+
+
 @pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
 def test_four_devices_equal_one(setup, mode):
   _, models, dp4, state0, batch, ref, ref_metrics = setup
