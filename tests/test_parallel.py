@@ -49,7 +49,6 @@ def test_single_step_sane(setup):
                          state0.state_g['batch_stats']['body_0']['norm_0']['first_norm']['mean'])
 
 
-
 @pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
 def test_four_devices_equal_one(setup, mode):
   _, models, dp4, state0, batch, ref, ref_metrics = setup
