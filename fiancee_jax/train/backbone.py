@@ -214,17 +214,19 @@ def _compile_key(config: ml_collections.ConfigDict) -> str:
   }, sort_keys=True, default=str)
 
 
-@functools.lru_cache(maxsize=4)
-def _models_and_step(key: str, config_json: str) -> tuple[Models, parallel.DataParallel]:
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  models = build_models(config)
-  return models, parallel.wrap(make_step(models), config.parallel)
+_COMPILED: dict[str, tuple[Models, parallel.DataParallel]] = {}
 
 
 def compiled(config: ml_collections.ConfigDict) -> tuple[Models, parallel.DataParallel]:
   """(Models, wrapped step) for a config, reused by runs of the same architecture and
   optimiser settings in one process (a resumed run in tests does not recompile)."""
-  return _models_and_step(_compile_key(config), config.to_json_best_effort())
+  key = _compile_key(config)
+  if key not in _COMPILED:
+    if len(_COMPILED) >= 4:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    models = build_models(config)
+    _COMPILED[key] = (models, parallel.wrap(make_step(models), config.parallel))
+  return _COMPILED[key]
 
 
 # ----------------------------------------------------------------------------------------
