@@ -1,0 +1,55 @@
+"""Branches stage: one real step (losses finite, only branch / D params change), resume."""
+import os
+import signal
+
+import jax
+import numpy as np
+
+from fiancee_jax import fiancee
+from fiancee_jax.train import branches as tb
+from fiancee_jax.train import checkpoint
+from tests.test_fiancee import backbone_workdir
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_branch_step_and_resume(tmp_path_factory):
+  c, wd, bb_state = backbone_workdir(tmp_path_factory)
+  c.branches.alpha_vgg = 0.0          # keep the CPU test small (VGG19 loss has its own tests)
+  c.train.labelmix_lambda = 0.0
+  c.branches.num_steps = 2
+  c.branches.ckpt_every = 1
+  fiancee.build_bank(c, wd, progress=False)
+  seen = []
+  host0 = tb.create_train_state(c, tb.build_models(c), *_frozen_init(c, wd))
+
+  def hook(step, st, m):
+    seen.append((jax.device_get(m), jax.device_get(st.frozen.generator)))
+    os.kill(os.getpid(), signal.SIGTERM)  # stop after step 1: checkpoint, then resume
+
+  state1 = tb.train_and_evaluate(c, wd, hooks=[hook])
+  metrics, gen_after = seen[0]
+  assert int(state1.step) == 1
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert 0 < float(metrics['exit1/lpips']) < 2
+  # backbone untouched, branches and discriminators changed
+  g_params, g_coll, _ = checkpoint.load_backbone(wd, c)
+  assert _leaves_equal(gen_after, {'params': g_params, **g_coll})
+  assert not _leaves_equal(state1.params_b, host0.params_b)
+  for i in range(len(c.branches.exits)):
+    d_i = jax.tree.map(lambda x: x[i], state1.params_d)
+    assert not _leaves_equal(d_i, bb_state.params_d)
+  # resume: the same command continues from step 1
+  state2 = tb.train_and_evaluate(c, wd)
+  assert int(state2.step) == 2
+  assert not _leaves_equal(state2.params_b, state1.params_b)
+  p = fiancee.load_pipeline(c, wd, stages=('backbone', 'bank', 'branches'))
+  assert _leaves_equal(p.params['branches']['params'], state2.params_b)
+
+
+def _frozen_init(c, wd):
+  fr, _, _ = tb.load_frozen(c, wd, True)
+  return fr.generator, tb.load_backbone_discriminator(wd, c)
