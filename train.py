@@ -18,24 +18,21 @@ flags.DEFINE_enum('stage', 'backbone', ['backbone', 'branches', 'predictor'], 'S
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
-_PENDING = {'branches': 'the exit-branch training issue',
-            'predictor': 'the LPIPS-predictor training issue'}
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from fiancee_jax.train import parallel
   parallel.maybe_initialize_distributed()
-  if FLAGS.stage == 'backbone':
-    from fiancee_jax.config import ConfigError
-    from fiancee_jax.train import backbone, checkpoint
-    try:
-      backbone.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (checkpoint.CheckpointError, ConfigError) as e:
-      sys.exit(f'train.py: {e}')  # one clear message, no traceback
-  else:
-    raise app.UsageError(f'--stage={FLAGS.stage}: not implemented yet: {_PENDING[FLAGS.stage]}')
+  import importlib
+  from fiancee_jax import bank, config as fconfig, fiancee
+  from fiancee_jax.train import checkpoint
+  stage = importlib.import_module(f'fiancee_jax.train.{FLAGS.stage}')
+  try:
+    fconfig.validate(FLAGS.config)
+    stage.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (checkpoint.CheckpointError, fconfig.ConfigError, fiancee.PipelineError,
+          bank.BankError, FileNotFoundError) as e:
+    sys.exit(f'train.py: {e}')  # one clear message, no traceback
 
 
 if __name__ == '__main__':
