@@ -132,7 +132,7 @@ class Route:
 
 _ROUTE_FNS: dict[str, list[Callable[[Any], list[Route]]]] = {}
 # Modules that call `register_routes` at import (a missing one is skipped).
-_PLUGINS = ('fiancee_jax.models.megaportraits', 'fiancee_jax.models.branches')
+_PLUGINS = ('fiancee_jax.models.megaportraits', 'fiancee_jax.fiancee')
 
 
 def register_routes(backbone: str, fn: Callable[[Any], list[Route]]) -> Callable:
@@ -216,4 +216,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  # Run the package module, not this `__main__` copy: plugins register into the former.
+  from fiancee_jax.metrics import flops as _flops
+  _flops.main(sys.argv[1:])
