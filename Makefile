@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/oasis_synthetic.py
 WORKDIR ?= runs/demo
+# The demo starts from the backbone we trained with train.py (command in assets/oasis_synthetic/README.md);
+# set BACKBONE_FROM= to train it from scratch (about 30 min on 2 CPU cores).
+BACKBONE_FROM ?= assets/oasis_synthetic
 
 .PHONY: demo test install install-dev bench clean-venv
 
@@ -26,7 +29,8 @@ install: $(BIN)/.installed
 install-dev: $(BIN)/.installed-dev
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m fiancee_jax.demo --config $(CONFIG) --workdir $(WORKDIR)
+	$(BIN)/python -m fiancee_jax.demo --config $(CONFIG) --workdir $(WORKDIR) \
+	  $(if $(BACKBONE_FROM),--backbone_from $(BACKBONE_FROM))
 
 test: $(BIN)/.installed-dev
 	$(BIN)/python -m pytest -q tests
