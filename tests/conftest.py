@@ -21,3 +21,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo() -> pathlib.Path:
   return REPO
+
+
+def pytest_configure(config):
+  """One XLA compilation cache for the whole run: the tiny train steps compiled by several test
+  modules (backbone, branches, pipeline fixtures) are compiled once. A fresh directory per run,
+  so nothing from an earlier run is reused."""
+  import tempfile
+
+  import jax
+  cache = tempfile.mkdtemp(prefix='fiancee_xla_cache_')
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
