@@ -185,7 +185,7 @@ def samples_png(path: str, res: dict[str, Any]) -> None:
 
 def _fmt(v: Any, nd: int = 3) -> str:
   if isinstance(v, float):
-    return 'inf' if math.isinf(v) else f'{v:.{nd}f}'
+    return ('+inf' if v > 0 else '-inf') if math.isinf(v) else f'{v:.{nd}f}'
   return str(v)
 
 
