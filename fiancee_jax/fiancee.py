@@ -382,6 +382,18 @@ def _stage_cmd(config, workdir: str, what: str) -> str:
   return f'{what} --config configs/{name}.py --workdir {workdir}'
 
 
+def _load_backbone(config, workdir: str):
+  """(EMA params, refreshed collections, meta) of the trained backbone, or a PipelineError
+  naming the command that trains it."""
+  from fiancee_jax.train import checkpoint  # noqa: PLC0415
+  try:
+    return checkpoint.load_backbone(workdir, config)
+  except checkpoint.CheckpointError as e:
+    raise PipelineError(f'no backbone in {workdir} ({e}): run '
+                        f'`{_stage_cmd(config, workdir, "python train.py")} --stage=backbone`'
+                        ) from e
+
+
 def load_pipeline(config, workdir: str, stages: Sequence[str] = STAGES,
                   use_bank: bool | None = None, verify_bank: bool = True) -> Pipeline:
   """Assemble the trained pipeline of `workdir` from the requested stages.
@@ -392,7 +404,6 @@ def load_pipeline(config, workdir: str, stages: Sequence[str] = STAGES,
   predictor: latest `checkpoints/predictor`. A missing stage raises PipelineError naming
   it and the command that makes it. Stages not requested stay None (bank / predictor) or
   freshly initialised (branches: zeros-free init, for shape use only)."""
-  from fiancee_jax.train import checkpoint  # noqa: PLC0415
   _check_oasis(config)
   unknown = sorted(set(stages) - set(STAGES))
   if unknown:
@@ -401,12 +412,7 @@ def load_pipeline(config, workdir: str, stages: Sequence[str] = STAGES,
   gen, br = build_modules(config, use_bank=use_bank)
   if 'backbone' not in stages:
     raise PipelineError("load_pipeline: the 'backbone' stage is always needed")
-  try:
-    g_params, g_coll, g_meta = checkpoint.load_backbone(workdir, config)
-  except checkpoint.CheckpointError as e:
-    raise PipelineError(f'no backbone in {workdir} ({e}): run '
-                        f'`{_stage_cmd(config, workdir, "python train.py")} --stage=backbone`'
-                        ) from e
+  g_params, g_coll, g_meta = _load_backbone(config, workdir)
   gen_vars = {'params': g_params, **g_coll}
   bank = None
   if 'bank' in stages and use_bank:
@@ -568,17 +574,11 @@ def build_bank(config, workdir: str, *, force: bool = False, batch_size: int = 1
   atomically with the manifest (backbone step + model hash) and `noises.npy`.
   An existing valid bank is kept (returns its manifest) unless `force`."""
   from fiancee_jax import data  # noqa: PLC0415 (heavy: tfds)
-  from fiancee_jax.train import checkpoint  # noqa: PLC0415
   _check_oasis(config)
   cfg.validate(config)
   if batch_size <= 0:
     raise PipelineError(f'batch_size={batch_size}: expected > 0')
-  try:
-    g_params, g_coll, g_meta = checkpoint.load_backbone(workdir, config)
-  except checkpoint.CheckpointError as e:
-    raise PipelineError(f'no backbone in {workdir} ({e}): run '
-                        f'`{_stage_cmd(config, workdir, "python train.py")} --stage=backbone`'
-                        ) from e
+  g_params, g_coll, g_meta = _load_backbone(config, workdir)
   step = g_meta.get('step')
   path = bank_dir(workdir)
   if not force:

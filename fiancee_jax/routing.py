@@ -137,6 +137,17 @@ def _route_order(costs: np.ndarray) -> np.ndarray:
   return order[:int(np.nonzero(order == num_exits)[0][0])]  # exits after the backbone never run
 
 
+def _checked_arrays(pred, true, costs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """float64 copies of (pred, true, costs) after the shape and value checks."""
+  pred = np.asarray(pred, np.float64)
+  true = np.asarray(true, np.float64)
+  costs = np.asarray(costs, np.float64)
+  _check_pair(pred, true)
+  _check_pred_costs(pred.shape, costs.shape)
+  _check_costs_values(costs)
+  return pred, true, costs
+
+
 def violation_scores(pred: Array, true: Array, threshold: float, costs: Array) -> np.ndarray:
   """Per-input conformity score U_i for `conformal_offset` (N,).
 
@@ -146,12 +157,7 @@ def violation_scores(pred: Array, true: Array, threshold: float, costs: Array) -
   (-inf if no such e). 1[lam <= U_i] is the monotone (in lam) upper envelope of the violation
   indicator: exit e is chosen exactly for lam in (t - min_{cheaper e'} pred_e', t - pred_e].
   """
-  pred = np.asarray(pred, np.float64)
-  true = np.asarray(true, np.float64)
-  costs = np.asarray(costs, np.float64)
-  _check_pair(pred, true)
-  _check_pred_costs(pred.shape, costs.shape)
-  _check_costs_values(costs)
+  pred, true, costs = _checked_arrays(pred, true, costs)
   _check_threshold(threshold)
   order = _route_order(costs)
   scores = np.full(pred.shape[0], -np.inf)
@@ -219,12 +225,7 @@ def sweep_rows(pred: Array, true: Array, costs: Array, thresholds: Sequence[floa
   violation rate and saved GMACs per LPIPS (Sec. 3.4), uncalibrated and (when `alpha` and a
   calibration split are given) calibrated (`calibrated_*` keys + `offset`).
   """
-  pred = np.asarray(pred, np.float64)
-  true = np.asarray(true, np.float64)
-  costs = np.asarray(costs, np.float64)
-  _check_pair(pred, true)
-  _check_pred_costs(pred.shape, costs.shape)
-  _check_costs_values(costs)
+  pred, true, costs = _checked_arrays(pred, true, costs)
   calibrated = alpha is not None
   if calibrated:
     if pred_cal is None or true_cal is None:
