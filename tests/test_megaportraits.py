@@ -66,6 +66,18 @@ def test_upsample_matches_torch_bilinear():
   np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize('factor', [1, 2, 3, 8])
+def test_downsample_matches_torch_bilinear(factor):
+  torch = pytest.importorskip('torch')
+  x = np.random.RandomState(factor).randn(2, 4 * factor, 2 * factor, 3).astype(np.float32)
+  ours = np.asarray(mp.downsample_bilinear(jnp.asarray(x), (4, 2)))
+  ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(4, 2),
+                                        mode='bilinear', align_corners=False)
+  np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+  with pytest.raises(ValueError, match='divides'):
+    mp.downsample_bilinear(jnp.asarray(x), (5, 2))
+
+
 # Paper config: 512x512 output from a 64x64x1536 input (Sec. 4.2, S1.2.1).
 PAPER_IN = jax.ShapeDtypeStruct((1, 64, 64, 1536), jnp.float32)
 
@@ -95,12 +107,74 @@ def test_g2d_paper_gmacs():
   assert abs(gmacs + 6 * 64 * 64 * 512 * 512 / 1e9 - 213.0) > 0.02 * 213.0
 
 
+@functools.lru_cache(maxsize=None)
+def _paper_rows():
+  return tuple(flops.measure(cfg.load('configs/megaportraits_voxceleb2.py')))
+
+
 def test_flops_cli_route():
-  rows = flops.measure(cfg.load('configs/megaportraits_voxceleb2.py'))
-  assert [r['route'] for r in rows] == ['backbone']
+  rows = _paper_rows()
+  assert rows[0]['route'] == 'backbone'
   assert abs(rows[0]['gmacs'] - 213.0) <= 0.02 * 213.0
   assert abs(rows[0]['params'] - 31.6e6) <= 0.02 * 31.6e6
   assert rows[0]['front_end_gmacs'] > 0 and rows[0]['front_end_params'] > 0
+  exits = [(r['sf'], r['bank'], r['route']) for r in rows[1:]]
+  assert exits == [(round(sf, 6), bank, f'exit{k}') for sf in mp.SCALE_FACTORS
+                   for bank in (False, True) for k in (2, 4, 6)]
+
+
+# Table 2 (GFLOPs = GMACs, BB 213): route through branch 1/2/3 (exit after block 2/4/6) per SF.
+TABLE_2 = {1 / 3: {2: 65, 4: 100, 6: 136}, 1 / 6: {2: 51, 4: 89, 6: 135},
+           1 / 15: {2: 47, 4: 85, 6: 127}}
+
+
+def test_exit_routes_match_table_2():
+  rows = {(r['sf'], r['bank'], r['exit']): r for r in _paper_rows()[1:]}
+  for sf, paper in TABLE_2.items():
+    for k, ref in paper.items():
+      for bank in (False, True):
+        r = rows[(round(sf, 6), bank, k)]
+        rel = r['gmacs'] / ref - 1
+        if (sf, k) == (1 / 6, 6):
+          # Known gap: the route-3 entry at SF 1/6 is 135, ~6% above our 126.9 (127.3 with
+          # the bank); see test_table_s9_third_branch_readings for the two readings.
+          assert -0.07 < rel < -0.05, (sf, k, bank, r['gmacs'])
+        else:
+          assert abs(rel) <= 0.05, (sf, k, bank, r['gmacs'])
+      # With the bank every branch block has 3 more input channels: a little more.
+      assert 0 < rows[(round(sf, 6), True, k)]['gmacs'] - rows[(round(sf, 6), False, k)]['gmacs'] < 1
+
+
+def test_table_s9_third_branch_readings():
+  """Table S9 prints the third branch one width step early (170, 85, 42 at SF 1/3). Costing
+  both readings against Table 2's route-3 column: our rule (fout = scaled backbone fout)
+  fits SF 1/3 and 1/15, the printed column fits 1/6 and 1/15; neither fits all three."""
+  from fiancee_jax.models import branches as br
+  rows = {(r['sf'], r['exit']): r['gmacs'] for r in _paper_rows()[1:] if not r['bank']}
+  x = jax.ShapeDtypeStruct((1, 64, 64, 512), jnp.float32)
+
+  def branch_gmacs(widths):
+    spec, fin, res = [], 512, 64
+    for fout in widths:
+      res *= 2
+      spec.append(br.BlockSpec(fin, fout, res, res, 'bilinear'))
+      fin = fout
+    m = br.G2DBranch(tuple(spec), use_bank=False)
+    v = jax.eval_shape(lambda a: m.init(jax.random.key(0), a), x)
+    return flops.count_macs(lambda vv, a: m.apply(vv, a), v, x) / 1e9
+
+  def scaled(ws, sf):
+    return [max(int(w * sf), 24) for w in ws]
+
+  # G2D prefix to block 6 at 64x64: 1x1 conv 1536->512, 6 x two conv3x3 512->512.
+  prefix = 64 * 64 * (1536 * 512 + 6 * 2 * 9 * 512 * 512) / 1e9
+  fits = {}
+  for sf, paper in TABLE_2.items():
+    ours = rows[(round(sf, 6), 6)]
+    assert ours == pytest.approx(prefix + branch_gmacs(scaled((256, 128, 64), sf)), abs=2e-3)
+    printed = prefix + branch_gmacs(scaled((512, 256, 128), sf))
+    fits[sf] = (abs(ours / paper[6] - 1) <= 0.05, abs(printed / paper[6] - 1) <= 0.05)
+  assert fits == {1 / 3: (True, False), 1 / 6: (False, True), 1 / 15: (True, True)}
 
 
 def test_head_avatar_shapes_and_feats():

@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.json:
       print(json.dumps(row))
     else:
+      tag = f"  sf={row['sf']:.4g} bank={row['bank']}" if 'sf' in row else ''
       print(f"{row['route']:>12s}  {row['gmacs']:10.3f} GMACs  {row['params'] / 1e6:8.3f}M "
-            f"params  {row['resolution'][0]}x{row['resolution'][1]}")
+            f"params  {row['resolution'][0]}x{row['resolution'][1]}{tag}")
 
 
 if __name__ == '__main__':

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 
 from fiancee_jax.config import oasis_widths, scaled_width
 from fiancee_jax.models.layers import SNConv, SPADEResBlock, nearest_down, up2
+from fiancee_jax.models.megaportraits import (ResBlock2D, downsample_bilinear, dtype_of,
+                                              to_image, upsample_bilinear2x)
 
 Dtype = Any
 
@@ -71,12 +73,13 @@ def branch_spec(blocks: Sequence[BlockSpec], exit_block: int, sf: float, min_cha
   return tuple(out)
 
 
-def specs_from_config(config) -> dict[int, tuple[BlockSpec, ...]]:
-  """{exit block k: branch spec} for every configured exit."""
+def specs_from_config(config, sf: float | None = None) -> dict[int, tuple[BlockSpec, ...]]:
+  """{exit block k: branch spec} for every configured exit (at `sf`, default branches.sf)."""
   b = config.branches
   unit = config.model.ch if config.backbone == 'oasis' else None
   blocks = backbone_blocks(config)
-  return {k: branch_spec(blocks, k, b.sf, b.min_channels, unit) for k in b.exits}
+  sf = b.sf if sf is None else sf
+  return {k: branch_spec(blocks, k, sf, b.min_channels, unit) for k in b.exits}
 
 
 class OASISBranch(nn.Module):
@@ -148,3 +151,75 @@ def oasis_branches_from_config(config, axis_name: str | None = None,
       specs=tuple(sorted(specs.items())), spade_hidden=config.model.spade_hidden,
       use_bank=config.branches.use_bank if use_bank is None else use_bank, axis_name=axis_name,
       dtype=jnp.bfloat16 if config.dtype == 'bfloat16' else jnp.float32)
+
+
+# ----------------------------------------------------------------------------- G2D (heads)
+
+FRAME_CHANNELS = 3   # the bank's RGB frame concatenated to every G2D branch block input
+
+
+class G2DBranch(nn.Module):
+  """ResBlock2D branch of G2D (Table S9); input = backbone block k output. Each block:
+  bilinear x2 where the spec says so, [++ bank frame resized to that resolution], ResBlock2D;
+  then G2D's head (ReLU, conv3x3, tanh)."""
+  spec: tuple[BlockSpec, ...]
+  use_bank: bool = True
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, frame: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    if self.use_bank and (frame is None or frame.ndim != 4
+                          or frame.shape[-1] != FRAME_CHANNELS):
+      got = None if frame is None else tuple(frame.shape)
+      raise ValueError(f'G2DBranch(use_bank=True): expected the bank frame (B, H, W, 3), '
+                       f'got {got}')
+    for i, b in enumerate(self.spec):
+      if b.upsample == 'bilinear':
+        x = upsample_bilinear2x(x)
+      elif b.upsample is not None:
+        raise ValueError(f'G2DBranch block {i}: upsample={b.upsample!r}, expected bilinear')
+      fin = b.fin
+      if self.use_bank:  # Table S9 caption: +3 input channels in every block
+        g = downsample_bilinear(frame, x.shape[1:3]).astype(x.dtype)
+        x = jnp.concatenate([x, g], axis=-1)
+        fin += FRAME_CHANNELS
+      x = ResBlock2D(fin, b.fout, self.axis_name, self.dtype, name=f'block_{i}')(x, train)
+    return to_image(nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, name='out_conv'), x)
+
+
+class G2DBranches(nn.Module):
+  """All exits of G2D; `branch_{k}` is the exit after ResBlock2D k (paper: 2, 4, 6)."""
+  specs: tuple[tuple[int, tuple[BlockSpec, ...]], ...]   # ((k, spec), ...) ordered by k
+  use_bank: bool = True
+  axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.branches = {f'branch_{k}': G2DBranch(spec, self.use_bank, self.axis_name, self.dtype)
+                     for k, spec in self.specs}
+
+  def exit(self, k: int, x: jax.Array, frame: jax.Array | None = None,
+           train: bool = False) -> jax.Array:
+    """Image of the exit after block k from that block's output x (frame: the bank's)."""
+    return self.branches[f'branch_{k}'](x, frame, train)
+
+  def __call__(self, feats: dict[str, jax.Array], frame: jax.Array | None = None,
+               train: bool = False) -> dict[int, jax.Array]:
+    """{k: image} for every exit, from G2D's block features."""
+    return {k: self.exit(k, feats[f'block{k}'], frame, train) for k, _ in self.specs}
+
+
+def g2d_branches_from_config(config, axis_name: str | None = None,
+                             use_bank: bool | None = None,
+                             sf: float | None = None) -> G2DBranches:
+  """G2DBranches of a `base_megaportraits()` config (sf / use_bank default to config's)."""
+  if config.backbone != 'megaportraits':
+    raise ValueError(f'g2d_branches_from_config: config.backbone={config.backbone!r}, '
+                     "expected 'megaportraits'")
+  specs = specs_from_config(config, sf)
+  return G2DBranches(
+      specs=tuple(sorted(specs.items())),
+      use_bank=config.branches.use_bank if use_bank is None else use_bank, axis_name=axis_name,
+      dtype=dtype_of(config.dtype))

@@ -17,6 +17,9 @@ input), and a `Fusion` that turns both into G2D's input: the motion code is deco
 coarse 4x4 spatial map (upsampled to H/8 and concatenated to the appearance features), a
 1x1 conv projects to `g2d_in`, and the motion code modulates every channel (FiLM).
 A learned pose warp of the appearance features is out of scope.
+
+GMAC routes for `python -m fiancee_jax.metrics.flops`: 'backbone' (G2D) and, for each Table S9
+SF with the bank off and on, 'exit{k}' = G2D input conv + blocks 1..k + branch k (Table 2).
 """
 from __future__ import annotations
 
@@ -61,6 +64,39 @@ def upsample_bilinear2x(x: Array) -> Array:
   Written with shifts and adds (no matmul) so a MAC counter sees no work here, as the
   paper's count (conv/linear layers only) does."""
   return _up_axis(_up_axis(x, 1), 2)
+
+
+def _down_axis(x: Array, factor: int, axis: int) -> Array:
+  # Bilinear /factor along one axis, half-pixel centres, no antialias (PyTorch
+  # align_corners=False): output i samples input i*f + (f-1)/2, i.e. one pixel for odd f,
+  # the mean of the two middle pixels of each f-window for even f.
+  if factor == 1:
+    return x
+  a = jax.lax.slice_in_dim(x, (factor - 1) // 2, None, factor, axis)
+  if factor % 2:
+    return a
+  b = jax.lax.slice_in_dim(x, factor // 2, None, factor, axis)
+  return 0.5 * (a + b)
+
+
+def downsample_bilinear(x: Array, size: Sequence[int]) -> Array:
+  """(B, H, W, C) -> (B, h, w, C) for integer factors H/h, W/w, identical to PyTorch
+  `F.interpolate(size=(h, w), mode='bilinear', align_corners=False)` (no antialias).
+
+  Strided slices and adds (no matmul, like `upsample_bilinear2x`): used to bring the bank's
+  RGB frame to each G2D branch block's resolution (Table S9 caption)."""
+  h, w = int(size[0]), int(size[1])
+  H, W = x.shape[1], x.shape[2]
+  if h < 1 or w < 1 or H % h or W % w:
+    raise ValueError(f'downsample_bilinear: {H}x{W} -> {h}x{w}: expected a target size that '
+                     'divides the input size')
+  return _down_axis(_down_axis(x, H // h, 1), W // w, 2)
+
+
+def to_image(out_conv: nn.Module, x: Array) -> Array:
+  """G2D's output head (shared with its exit branches): ReLU, `out_conv` (conv3x3 -> 3),
+  tanh; float32 image in [-1, 1]."""
+  return jnp.tanh(out_conv(nn.relu(x))).astype(jnp.float32)
 
 
 def _check_image(x: Array, name: str, multiple: int = 8) -> None:
@@ -143,7 +179,7 @@ class G2D(nn.Module):
 
   def head(self, x: Array) -> Array:
     """ReLU, conv3x3 -> 3, tanh; float32 image."""
-    return jnp.tanh(self.out_conv(nn.relu(x))).astype(jnp.float32)
+    return to_image(self.out_conv, x)
 
   def __call__(self, x: Array, train: bool = False) -> tuple[Array, dict[str, Array]]:
     x = self.input_conv(x)
@@ -336,9 +372,62 @@ def _flops_routes(config) -> list:
                        'front_end_params': n_front})]
 
 
+SCALE_FACTORS = (1 / 3, 1 / 6, 1 / 8, 1 / 15)   # Table S9 (Table 2 lists 1/3, 1/6, 1/15)
+
+
+def exit_flops_routes(config, sf: float, use_bank: bool) -> list:
+  """GMAC routes through every exit at scale factor `sf`: G2D's input conv + blocks 1..k +
+  branch k, counted like the 'backbone' route (from G2D's input; the front end, shared by
+  all routes, aside). With the bank the retrieved frame (B, H, W, 3) is an input; its search
+  (frames x (3 + expr_dim) key MACs, an exact flat search) is in 'retrieval_gmacs'."""
+  from fiancee_jax.metrics import flops
+  from fiancee_jax.models import branches as branches_lib
+  model, variables, g2d_in, img = abstract(config)
+  g2d_vars = {k: {'g2d': v['g2d']} for k, v in variables.items()}
+  g2d_p = variables['params']['g2d']
+  br = branches_lib.g2d_branches_from_config(config, use_bank=use_bank, sf=sf)
+  blocks = branches_lib.backbone_blocks(config)
+  frame = img if use_bank else None
+  feats = {f'block{k}': jax.ShapeDtypeStruct(
+      (1, blocks[k - 1].height, blocks[k - 1].width, blocks[k - 1].fout), jnp.float32)
+      for k, _ in br.specs}
+  br_vars = jax.eval_shape(lambda f, g: br.init(jax.random.key(0), f, g, False), feats, frame)
+  retrieval = config.bank.frames_per_identity * (3 + config.model.expr_dim) if use_bank else 0
+
+  def route_fn(k: int):
+    def prefix(m, z):
+      return m.g2d.run_blocks(m.g2d.input_conv(z), 0, k, False)
+
+    def fn(v, x, f):
+      h = model.apply(v['g2d'], x, method=prefix)
+      return br.apply(v['branches'], k, h, f, False, method=branches_lib.G2DBranches.exit)
+    return fn
+
+  out = []
+  for k, _ in br.specs:
+    bp = flops.count_params(br_vars['params'][f'branches_branch_{k}'])
+    used = [g2d_p['stem']] + [g2d_p[f'block{i}'] for i in range(1, k + 1)]
+    out.append(flops.Route(
+        f'exit{k}', route_fn(k), ({'g2d': g2d_vars, 'branches': br_vars}, g2d_in, frame),
+        flops.count_params(used) + bp, (config.data.height, config.data.width),
+        {'counts': 'G2D prefix + branch', 'sf': round(sf, 6), 'bank': use_bank, 'exit': k,
+         'branch_params': bp, 'retrieval_gmacs': round(retrieval / 1e9, 6)}))
+  return out
+
+
+def _exit_routes(config) -> list:
+  """flops CLI hook: exit routes for each Table S9 SF (and config.branches.sf), bank off/on."""
+  sfs = list(SCALE_FACTORS)
+  if not any(abs(config.branches.sf - s) < 1e-9 for s in sfs):
+    sfs.append(float(config.branches.sf))
+  return [r for sf in sfs for use_bank in (False, True)
+          for r in exit_flops_routes(config, sf, use_bank)]
+
+
 def _register_flops_routes() -> None:
   from fiancee_jax.metrics import flops
   flops.register_routes('megaportraits', _flops_routes)
+  flops.register_routes('megaportraits', _exit_routes)
 
 
 _register_flops_routes()
