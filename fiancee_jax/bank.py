@@ -5,7 +5,8 @@ map after the first conv + ResBlock 1 (one key per grid position), tagged with t
 class that dominates that position's block of the label map; values are the (4, 4, 512)
 patches (NHWC) of the map after ResBlock 3 on the same grid. Head avatars (Sec. 4.2): one key
 per frame (3 angles + 512-d expression, grid 1x1), the value is the frame, no classes
-(`classes=None` = one class). At inference each query position fetches the value of its
+(`classes=None` = one class); one bank per source identity, and `stack` merges several into
+one bank whose class i is identity i (fiancee_jax/fiancee_heads.py). At inference each query position fetches the value of its
 nearest key of the same class (L2) and the patches are glued back into a guide feature map.
 
 Building streams (keys, value map, classes) batches from a caller's `feature_fn` and keeps,
@@ -44,7 +45,7 @@ import pathlib
 import shutil
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,32 @@ def make_bank(keys: Any, values: Any, classes: Any | None = None, num_classes: i
               key_sqnorm=jnp.sum(k * k, axis=-1), class_counts=jnp.asarray(counts),
               class_offsets=jnp.asarray(offsets),
               host=BankHost(keys_np, cls_np, num_classes, manifest, path))
+
+
+def stack(banks: Sequence[Bank]) -> Bank:
+  """One bank whose class i holds the rows of `banks[i]` (one-class banks with the same key
+  dim and value shape): a search restricted to class i is a search in `banks[i]`.
+
+  Head avatars (Sec. 4.2) keep one frame bank per source identity; a stage that sees several
+  identities stacks theirs, and each example retrieves from its own source's frames (its
+  class) inside one jitted step. The stacked bank has no files (FAISS indices are built in
+  memory on first use); its manifest lists the stacked banks' manifests under 'stacked'."""
+  if not banks:
+    raise BankError('stack: expected at least one bank')
+  d, vshape = banks[0].keys.shape[1], tuple(banks[0].values.shape[1:])
+  for i, b in enumerate(banks):
+    if b.host.num_classes != 1:
+      raise BankError(f'stack: bank {i} has {b.host.num_classes} classes; expected one-class '
+                      'banks (one per identity)')
+    if b.keys.shape[1] != d or tuple(b.values.shape[1:]) != vshape:
+      raise BankError(f'stack: bank {i} has key dim {b.keys.shape[1]} and values '
+                      f'{tuple(b.values.shape[1:])}; bank 0 has {d} and {vshape}')
+  sizes = [b.keys.shape[0] for b in banks]
+  keys = np.concatenate([b.host.keys for b in banks])
+  values = np.concatenate([np.asarray(b.values) for b in banks])
+  classes = np.repeat(np.arange(len(banks), dtype=np.int32), sizes)
+  return make_bank(keys, values, classes, len(banks),
+                   manifest={'stacked': [b.manifest for b in banks]})
 
 
 # --------------------------------------------------------------------------- retrieval

@@ -403,7 +403,12 @@ def load_pipeline(config, workdir: str, stages: Sequence[str] = STAGES,
   `checkpoints/branches` (or `branches_nobank` when config.branches.use_bank is False);
   predictor: latest `checkpoints/predictor`. A missing stage raises PipelineError naming
   it and the command that makes it. Stages not requested stay None (bank / predictor) or
-  freshly initialised (branches: zeros-free init, for shape use only)."""
+  freshly initialised (branches: zeros-free init, for shape use only). A head-avatar config
+  is assembled by `fiancee_heads.load_pipeline`."""
+  if config.backbone == 'megaportraits':
+    from fiancee_jax import fiancee_heads  # noqa: PLC0415
+    return fiancee_heads.load_pipeline(config, workdir, stages, use_bank,
+                                       verify_bank=verify_bank)
   _check_oasis(config)
   unknown = sorted(set(stages) - set(STAGES))
   if unknown:
@@ -572,7 +577,12 @@ def build_bank(config, workdir: str, *, force: bool = False, batch_size: int = 1
   seed) x K = bank.num_noises fixed noises through the trained backbone; keys/values/classes
   streamed in batches into FPS (bank.max_per_class per class); saved to `<workdir>/bank`
   atomically with the manifest (backbone step + model hash) and `noises.npy`.
-  An existing valid bank is kept (returns its manifest) unless `force`."""
+  An existing valid bank is kept (returns its manifest) unless `force`. A head-avatar config
+  builds frame banks instead (`fiancee_heads.build_bank`: {identity: manifest})."""
+  if config.backbone == 'megaportraits':
+    from fiancee_jax import fiancee_heads  # noqa: PLC0415
+    return fiancee_heads.build_bank(config, workdir, force=force, batch_size=batch_size,
+                                    progress=progress)
   from fiancee_jax import data  # noqa: PLC0415 (heavy: tfds)
   _check_oasis(config)
   cfg.validate(config)
