@@ -117,6 +117,19 @@ def sample_z(key: jax.Array, example_ids: jax.Array, z_dim: int) -> jax.Array:
   return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (z_dim,)))(example_ids)
 
 
+def step_noise(rng: jax.Array, step: jax.Array, labels: jax.Array, models: Models,
+               axis_name: str | None = parallel.AXIS) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A step's random draws for this device's examples: z of D's fakes, z of G's fakes
+  (B, z_dim) and the LabelMix mask (B, H, W, 1). They depend only on (rng, step, global
+  example index); tests feed the same draws to the PyTorch reference."""
+  b = labels.shape[0]
+  first = lax.axis_index(axis_name) * b if axis_name is not None else 0
+  ids = first + jnp.arange(b)
+  k_zd, k_zg, k_lm = jax.random.split(jax.random.fold_in(rng, step), 3)
+  return (sample_z(k_zd, ids, models.z_dim), sample_z(k_zg, ids, models.z_dim),
+          losses.labelmix_mask(k_lm, labels, models.num_classes))
+
+
 def preprocess(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   """uint8 image (B,H,W,3) -> float in [-1, 1]; label ids -> int32 (B,H,W)."""
   image = batch['image'].astype(jnp.float32) / 127.5 - 1.0
@@ -128,11 +141,7 @@ def train_step(state: GANState, batch: dict[str, jax.Array], *, models: Models,
   """One OASIS iteration on this device's share of the batch: D update, G update, EMA."""
   G, D, N = models.generator, models.discriminator, models.num_classes
   real, labels = preprocess(batch)
-  b = labels.shape[0]
-  first = lax.axis_index(axis_name) * b if axis_name is not None else 0
-  ids = first + jnp.arange(b)
-  k_zd, k_zg, k_lm = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
-  z_d, z_g = sample_z(k_zd, ids, models.z_dim), sample_z(k_zg, ids, models.z_dim)
+  z_d, z_g, mask = step_noise(state.rng, state.step, labels, models, axis_name)
   weights = losses.class_balancing_weights(labels, N, axis_name=axis_name)
   mut_g, mut_d = list(state.state_g), list(state.state_d)
   pmean = (lambda x: lax.pmean(x, axis_name)) if axis_name is not None else (lambda x: x)
@@ -150,7 +159,6 @@ def train_step(state: GANState, batch: dict[str, jax.Array], *, models: Models,
   # --- discriminator ---------------------------------------------------------------------
   fake, state_g = gen(state.params_g, state.state_g, z_d)
   fake = lax.stop_gradient(fake)
-  mask = losses.labelmix_mask(k_lm, labels, N)
   mixed = losses.labelmix_images(mask, real, fake)
 
   def d_loss_fn(params_d):

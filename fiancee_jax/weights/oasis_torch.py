@@ -1,4 +1,5 @@
-"""Import an official OASIS PyTorch generator checkpoint (`*_EMA.pth` / `*_G.pth`).
+"""Import official OASIS PyTorch checkpoints: generator (`*_EMA.pth` / `*_G.pth`) and
+discriminator (`*_D.pth`, see `convert_discriminator_state_dict`; for fine-tuning / tests).
 
 The file is a bare state_dict (boschresearch/OASIS utils.save_networks), read without torch
 by `fiancee_jax.weights.torch_archive`. Mapping to `models.oasis.Generator` variables:
@@ -29,12 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiancee_jax.models import oasis
+from fiancee_jax.models import discriminators, oasis
 
 _CONV = re.compile(r'^(fc|conv_img)\.(weight|bias)$')
 _BLOCK_CONV = re.compile(r'^body\.(\d+)\.(conv_0|conv_1|conv_s)\.(weight_orig|bias|weight_u|weight_v)$')
 _NORM_STAT = re.compile(r'^body\.(\d+)\.(norm_0|norm_1|norm_s)\.first_norm\.'
                         r'(running_mean|running_var|num_batches_tracked)$')
+_D_CONV = re.compile(r'^(body_down|body_up)\.(\d+)\.(conv1\.[012]|conv2\.1|conv_s)\.'
+                     r'(weight_orig|bias|weight_u|weight_v)$')
+_D_LAST = re.compile(r'^layer_up_last\.(weight|bias)$')
 _NORM_CONV = re.compile(r'^body\.(\d+)\.(norm_0|norm_1|norm_s)\.(mlp_shared\.0|mlp_gamma|mlp_beta)'
                         r'\.(weight|bias)$')
 
@@ -66,6 +70,24 @@ def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
   tree[path[-1]] = value
 
 
+def _put_conv(out: dict, base: tuple[str, ...], what: str, value: np.ndarray,
+              shape: tuple[int, ...] | None, key: str) -> None:
+  """One torch (spectral-norm) conv entry into out['params'] / out['spectral'] at `base`.
+  `shape`: the conv's weight_orig shape (O, I, kh, kw), needed to reorder v."""
+  if what in ('weight_orig', 'weight'):
+    _set(out['params'], base + ('kernel',), _kernel(value))
+  elif what == 'bias':
+    _set(out['params'], base + ('bias',), value.astype(np.float32))
+  elif what == 'weight_u':
+    _set(out['spectral'], base + ('u',), value.astype(np.float32))
+  else:
+    if shape is None:
+      raise ConversionError(f'{key}: no matching weight_orig in the checkpoint')
+    _, cin, kh, kw = shape
+    v = value.astype(np.float32).reshape(cin, kh, kw).transpose(1, 2, 0).reshape(-1)
+    _set(out['spectral'], base + ('v',), v)
+
+
 def convert_state_dict(sd: Mapping[str, Any]) -> dict[str, dict]:
   """OASIS generator state_dict -> {'params', 'batch_stats', 'spectral'} numpy trees."""
   out: dict[str, dict] = {'params': {}, 'batch_stats': {}, 'spectral': {}}
@@ -81,19 +103,7 @@ def convert_state_dict(sd: Mapping[str, Any]) -> dict[str, dict]:
            _kernel(value) if m.group(2) == 'weight' else value.astype(np.float32))
     elif m := _BLOCK_CONV.match(key):
       i, conv, what = m.groups()
-      base = (f'body_{i}', conv)
-      if what == 'weight_orig':
-        _set(out['params'], base + ('kernel',), _kernel(value))
-      elif what == 'bias':
-        _set(out['params'], base + ('bias',), value.astype(np.float32))
-      elif what == 'weight_u':
-        _set(out['spectral'], base + ('u',), value.astype(np.float32))
-      else:
-        if (i, conv) not in shapes:
-          raise ConversionError(f'{key}: no matching weight_orig in the checkpoint')
-        o, cin, kh, kw = shapes[(i, conv)]
-        v = value.astype(np.float32).reshape(cin, kh, kw).transpose(1, 2, 0).reshape(-1)
-        _set(out['spectral'], base + ('v',), v)
+      _put_conv(out, (f'body_{i}', conv), what, value, shapes.get((i, conv)), key)
     elif m := _NORM_STAT.match(key):
       i, norm, what = m.groups()
       if what != 'num_batches_tracked':
@@ -119,14 +129,37 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def import_generator(path: str, generator: oasis.Generator) -> dict[str, Any]:
-  """Load `path` into variables of `generator` (checked leaf by leaf against its shapes)."""
-  converted = convert_state_dict(load_state_dict(path))
-  b = 1
-  seg = jax.ShapeDtypeStruct((b, generator.height, generator.width, generator.num_classes),
-                             jnp.float32)
-  z = jax.ShapeDtypeStruct((b, generator.z_dim), jnp.float32)
-  want = jax.eval_shape(lambda s, zz: generator.init(jax.random.key(0), s, zz, False), seg, z)
+def convert_discriminator_state_dict(sd: Mapping[str, Any]) -> dict[str, dict]:
+  """OASIS discriminator state_dict (`*_D.pth`) -> {'params', 'spectral'} numpy trees of
+  `models.discriminators.OASISDiscriminator`:
+    body_{down,up}.{i}.conv1.{0,1,2}.* / conv2.1.* / conv_s.*  -> body_{down,up}_i/conv{1,2,_s}
+    layer_up_last.{weight,bias}                                 -> layer_up_last (no SN)
+  """
+  out: dict[str, dict] = {'params': {}, 'spectral': {}}
+  shapes, unknown = {}, []
+  for key, value in sd.items():
+    if (m := _D_CONV.match(key)) and m.group(4) == 'weight_orig':
+      shapes[m.group(1, 2, 3)] = np.shape(value)
+  for key, value in sd.items():
+    value = np.asarray(value)
+    if m := _D_CONV.match(key):
+      part, i, conv, what = m.groups()
+      _put_conv(out, (f'{part}_{i}', conv.split('.')[0]), what, value,
+                shapes.get((part, i, conv)), key)
+    elif m := _D_LAST.match(key):
+      _put_conv(out, ('layer_up_last',), m.group(1), value, None, key)
+    else:
+      unknown.append(key)
+  if unknown:
+    raise ConversionError(
+        f'unexpected keys for an OASIS discriminator state_dict: {unknown[:8]}'
+        f'{" ..." if len(unknown) > 8 else ""} (is this a generator *_G.pth / *_EMA.pth file?)')
+  return out
+
+
+def _checked(converted: dict[str, dict], want: dict[str, Any], what: str) -> dict[str, Any]:
+  """`converted` restricted to the collections of `want` (an eval_shape of the model's init),
+  as jnp arrays, after checking every leaf's presence and shape; else one ConversionError."""
   want_flat = {c: _flat(want[c]) for c in want}
   have_flat = {c: _flat(converted.get(c, {})) for c in want}
   problems = []
@@ -140,12 +173,35 @@ def import_generator(path: str, generator: oasis.Generator) -> dict[str, Any]:
         problems.append(f'{c}{k}: checkpoint shape {tuple(have_flat[c][k].shape)}, '
                         f'config expects {tuple(want_flat[c][k].shape)}')
   if problems:
-    raise ConversionError(
-        f'{path} does not match the generator of this config (num_classes='
-        f'{generator.num_classes}, ch={generator.ch}, z_dim={generator.z_dim}, spade_hidden='
-        f'{generator.spade_hidden}): ' + '; '.join(problems[:10]) +
-        (f' ... ({len(problems)} problems)' if len(problems) > 10 else ''))
-  return jax.tree.map(jnp.asarray, {c: converted[c] for c in want})
+    raise ConversionError(f'{what}: ' + '; '.join(problems[:10]) +
+                          (f' ... ({len(problems)} problems)' if len(problems) > 10 else ''))
+  return jax.tree.map(jnp.asarray, {c: converted.get(c, {}) for c in want})
+
+
+def import_generator(path: str, generator: oasis.Generator) -> dict[str, Any]:
+  """Load `path` into variables of `generator` (checked leaf by leaf against its shapes)."""
+  converted = convert_state_dict(load_state_dict(path))
+  b = 1
+  seg = jax.ShapeDtypeStruct((b, generator.height, generator.width, generator.num_classes),
+                             jnp.float32)
+  z = jax.ShapeDtypeStruct((b, generator.z_dim), jnp.float32)
+  want = jax.eval_shape(lambda s, zz: generator.init(jax.random.key(0), s, zz, False), seg, z)
+  return _checked(converted, want, (
+      f'{path} does not match the generator of this config (num_classes='
+      f'{generator.num_classes}, ch={generator.ch}, z_dim={generator.z_dim}, spade_hidden='
+      f'{generator.spade_hidden})'))
+
+
+def import_discriminator(path: str,
+                         discriminator: discriminators.OASISDiscriminator) -> dict[str, Any]:
+  """Load an OASIS `*_D.pth` into variables of `discriminator` (checked like the generator)."""
+  converted = convert_discriminator_state_dict(load_state_dict(path))
+  side = 2 ** (len(discriminator.channels) - 1)
+  image = jax.ShapeDtypeStruct((1, side, side, discriminator.channels[0]), jnp.float32)
+  want = jax.eval_shape(lambda x: discriminator.init(jax.random.key(0), x), image)
+  return _checked(converted, want, (
+      f'{path} does not match the discriminator of this config (num_classes='
+      f'{discriminator.num_classes}, channels={tuple(discriminator.channels)})'))
 
 
 def write_backbone(variables: dict[str, Any], config, workdir: str, source: str) -> str:
