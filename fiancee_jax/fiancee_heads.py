@@ -373,7 +373,7 @@ def route_costs(config, use_bank: bool) -> np.ndarray:
   from fiancee_jax.metrics import flops  # noqa: PLC0415
   rows = []
   for r in megaportraits.exit_flops_routes(config, float(config.branches.sf), use_bank):
-    rows.append(flops.count_macs(r.fn, *r.args) / 1e9 + r.extras.get('retrieval_gmacs', 0.0))
+    rows.append(flops.count_macs(r.fn, *r.args) / 1e9 + r.extra.get('retrieval_gmacs', 0.0))
   bb = megaportraits._flops_routes(config)[0]  # noqa: SLF001 (the 'backbone' route)
   rows.append(flops.count_macs(bb.fn, *bb.args) / 1e9)
   return np.asarray(rows, np.float64)
