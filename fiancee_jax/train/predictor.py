@@ -13,9 +13,21 @@ Every row holds the predictor input (feats['block1'], the map the bank keys come
 targets LPIPS(exit_k image, backbone image) for all exits (one jitted pass per batch:
 `fiancee.all_images` + one VGG pass over backbone and exits together), the map index and z.
 
-Training: MSE + SGD lr 0.01 with a cosine schedule (OASIS) or MAE + AdamW cosine (head
-avatars), data parallel like every stage (`train.parallel`). Report: relative error per exit
-= mean|pred - true| / mean(true) on validation and test (Tables S3 / S4 give it in %).
+Head avatars (Sec. 4.2, S1.2): a row is a (source frame, driver frame) pair of a split, the
+driver of another identity where the split has several (cross-reenactment, as at inference);
+its input is the driver's motion key (3 angles ++ expression, the bank key), its targets the
+LPIPS of every exit vs the backbone image, all exits in one jitted pass
+(`fiancee_heads.all_images` retrieves the frame from the source identity's bank). The sets:
+  train        predictor.num_train source frames spread over the 'train' split x K =
+               predictor.num_noises drivers each (drawn from the split, fixed seed)
+  validation / calibration
+               the predictor.num_validation 'validation' sources, split as above (K drivers each)
+  test         predictor.num_test 'test' sources x K drivers
+
+Training: MSE + SGD lr 0.01 with a cosine schedule (OASIS) or MAE + AdamW(0.05, 0.999, wd
+1e-2) cosine (head avatars, S1.2.2), data parallel like every stage (`train.parallel`).
+Report: relative error per exit = mean|pred - true| / mean(true) on validation and test
+(Tables S3 / S4 / S6 give it in %).
 """
 from __future__ import annotations
 
@@ -139,37 +151,51 @@ _TARGET_CACHE: dict[int, tuple[Any, Any]] = {}
 
 
 def _target_fn(pipeline: Any):
+  """Jitted (params, lp_params, *row inputs) -> (predictor inputs, LPIPS (B, E)), cached for
+  the latest pipeline. OASIS rows: (labels, z); head-avatar rows: (source, driver uint8,
+  source identity)."""
   hit = _TARGET_CACHE.get(id(pipeline))
   if hit is not None and hit[0] is pipeline:
     return hit[1]
-  from fiancee_jax import fiancee  # noqa: PLC0415
+  from fiancee_jax import fiancee, fiancee_heads  # noqa: PLC0415
 
-  num_classes = pipeline.config.data.num_classes
-
-  def fn(params, lp_params, labels, z):
-    seg = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    _, feats = fiancee.prefix(pipeline, params, seg, z)
-    images = fiancee.all_images(pipeline, params, seg, z)
+  def lpips_of(lp_params, images):
     exits = jnp.stack([images[k] for k in pipeline.exits])
-    return feats['block1'], lpips_to_reference(lp_params, images['backbone'], exits)
+    return lpips_to_reference(lp_params, images['backbone'], exits)
+
+  if pipeline.config.backbone == 'megaportraits':
+    def fn(params, lp_params, source, driver, identity):
+      to_pm1 = lambda x: x.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
+      images = fiancee_heads.all_images(pipeline, params, to_pm1(source), to_pm1(driver),
+                                        identity)
+      return images['motion'], lpips_of(lp_params, images)
+  else:
+    num_classes = pipeline.config.data.num_classes
+
+    def fn(params, lp_params, labels, z):
+      seg = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+      _, feats = fiancee.prefix(pipeline, params, seg, z)
+      return feats['block1'], lpips_of(lp_params, fiancee.all_images(pipeline, params, seg, z))
   _TARGET_CACHE.clear()
   _TARGET_CACHE[id(pipeline)] = (pipeline, jax.jit(fn))
   return _TARGET_CACHE[id(pipeline)][1]
 
 
-def compute_rows(pipeline: Any, params: PyTree, lp_params: PyTree, labels: np.ndarray,
-                 z: np.ndarray, batch_size: int, name: str = 'dataset') -> dict[str, np.ndarray]:
-  """Predictor inputs and targets for rows (labels (N,H,W) ids, z (N, z_dim)):
-  {'feats': (N, h, w, C), 'targets': (N, E)}. Batches are padded to `batch_size` (one
-  compile)."""
+def compute_rows(pipeline: Any, params: PyTree, lp_params: PyTree,
+                 inputs: Sequence[np.ndarray], batch_size: int, name: str = 'dataset'
+                 ) -> dict[str, np.ndarray]:
+  """Predictor inputs and targets for rows: `inputs` = per-row arrays of equal length N
+  (OASIS: labels (N, H, W) ids, z (N, z_dim); heads: source, driver (N, H, W, 3) uint8,
+  source identity (N,)) -> {'feats': (N, ...), 'targets': (N, E)}. Batches are padded to
+  `batch_size` (one compile)."""
   fn = _target_fn(pipeline)
-  n = labels.shape[0]
+  n = len(inputs[0])
   feats, targets = [], []
   t0 = time.perf_counter()
   for start in range(0, n, batch_size):
     idx = np.arange(start, min(start + batch_size, n))
     pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-    f, t = fn(params, lp_params, labels[pad], z[pad])
+    f, t = fn(params, lp_params, *(x[pad] for x in inputs))
     feats.append(np.asarray(f)[:len(idx)])
     targets.append(np.asarray(t)[:len(idx)])
     done = idx[-1] + 1
@@ -179,20 +205,27 @@ def compute_rows(pipeline: Any, params: PyTree, lp_params: PyTree, labels: np.nd
   return {'feats': np.concatenate(feats), 'targets': np.concatenate(targets).astype(np.float32)}
 
 
-def _fingerprint(config, workdir, split, maps, z) -> str:
+def _fingerprint(config, workdir, split, *arrays: np.ndarray) -> str:
+  """What a cached split was made from: config, rows (the caller's arrays, hashed with their
+  dtype), the stage checkpoints and the bank manifest(s) (OASIS: bank/manifest.json; head
+  avatars: bank/<identity>/manifest.json)."""
   h = hashlib.sha256()
   h.update(cfg.config_hash(config, ('model', 'branches', 'data', 'bank')).encode())
   h.update(split.encode())
-  h.update(np.ascontiguousarray(maps, np.int64).tobytes())
-  h.update(np.ascontiguousarray(z, np.float32).tobytes())
+  for a in arrays:
+    h.update(np.ascontiguousarray(a).tobytes())
   for stage in ('backbone', 'branches'):  # rows depend on the trained weights
     d = checkpoint.checkpoint_dir(workdir, stage)
     steps = sorted(os.listdir(d)) if os.path.isdir(d) else []
     h.update(f'{stage}:{steps[-1:] }'.encode())
-  bank_manifest = os.path.join(os.path.abspath(workdir), 'bank', 'manifest.json')
-  if os.path.exists(bank_manifest):
-    with open(bank_manifest, 'rb') as f:
-      h.update(f.read())
+  bank = os.path.join(os.path.abspath(workdir), 'bank')
+  manifests = [os.path.join(bank, 'manifest.json')]
+  if not os.path.exists(manifests[0]) and os.path.isdir(bank):
+    manifests = sorted(os.path.join(bank, d, 'manifest.json') for d in os.listdir(bank))
+  for m in manifests:
+    if os.path.exists(m):
+      with open(m, 'rb') as f:
+        h.update(f.read())
   return h.hexdigest()[:20]
 
 
@@ -208,11 +241,14 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 def dataset(config: ml_collections.ConfigDict, workdir: str, split: str, pipeline: Any = None,
             lp_params: PyTree = None, batch_size: int | None = None) -> dict[str, np.ndarray]:
-  """Rows of a predictor split: {'feats', 'targets', 'maps', 'z', 'data_split'}; read from
-  the cache when it was made from the same config, data, noises and checkpoints, else
-  computed (needs `pipeline`) and cached."""
+  """Rows of a predictor split: {'feats', 'targets', 'maps', 'z', 'data_split'} (head
+  avatars: 'sources', 'drivers' instead of 'maps', 'z'); read from the cache when it was made
+  from the same config, data, noises and checkpoints, else computed (needs `pipeline`) and
+  cached."""
+  if config.backbone == 'megaportraits':
+    return heads_dataset(config, workdir, split, pipeline, lp_params, batch_size)
   data_split, maps, z = split_rows(config, workdir, split)
-  fp = _fingerprint(config, workdir, split, maps, z)
+  fp = _fingerprint(config, workdir, split, maps.astype(np.int64), z.astype(np.float32))
   path = os.path.join(stage_dir(workdir), f'dataset_{split}.npz')
   if os.path.exists(path):
     try:
@@ -229,8 +265,87 @@ def dataset(config: ml_collections.ConfigDict, workdir: str, split: str, pipelin
   uniq, inv = np.unique(maps, return_inverse=True)
   labels = load_labels(config, workdir, data_split, uniq)[inv]
   bs = batch_size or min(max(config.predictor.batch_size, 1), 32)
-  rows = compute_rows(pipeline, pipeline.params, lp_params, labels, z, bs, name=split)
+  rows = compute_rows(pipeline, pipeline.params, lp_params, (labels, z), bs, name=split)
   out = {**rows, 'maps': maps.astype(np.int32), 'z': z.astype(np.float32)}
+  _save_npz(path, {**out, 'fingerprint': np.array(fp)})
+  return out | {'data_split': data_split}
+
+
+# ---------------------------------------------------------------------------------------------
+# Head avatars: (source, driver) rows.
+
+
+def heads_split_rows(config: ml_collections.ConfigDict, workdir: str, split: str
+                     ) -> tuple[str, np.ndarray, np.ndarray]:
+  """(data split, source example per row, driver example per row) of a head-avatar predictor
+  split: sources spread evenly over the data split, K = predictor.num_noises drivers each
+  drawn (fixed seed) from the split's frames of other identities (any frame when the split
+  has one identity)."""
+  from fiancee_jax import data as fdata  # noqa: PLC0415 (heavy: tfds)
+  p = config.predictor
+  if split == 'train':
+    data_split, num, pick = 'train', p.num_train, None
+  elif split in ('validation', 'calibration'):
+    cal, val = routing.calibration_split(p.num_validation, config.routing.calibration_fraction,
+                                         seed=config.seed)
+    data_split, num, pick = 'validation', p.num_validation, (val if split == 'validation'
+                                                             else cal)
+  elif split == 'test':
+    data_split, num, pick = 'test', p.num_test, None
+  else:
+    raise ValueError(f'predictor split {split!r}: expected one of {SPLITS}')
+  src = fdata.source(config.data, data_split, data_dir(config, workdir))
+  n = len(src)
+  if num > n:
+    raise ValueError(f'config.predictor asks for {num} source frames of the {data_split!r} '
+                     f'split, which has {n}: lower predictor.num_* or raise the data size')
+  sources = np.round(np.linspace(0, n - 1, num)).astype(np.int64)
+  if pick is not None:
+    sources = sources[pick]
+  ids = np.array([int(src[i]['identity']) for i in range(n)])
+  k = int(p.num_noises)
+  drivers = []
+  for s in sources:
+    others = np.flatnonzero(ids != ids[s])
+    others = others if len(others) else np.arange(n)
+    rng = np.random.default_rng([config.seed, 29, SPLITS.index(split), int(s)])
+    drivers.append(rng.choice(others, k, replace=len(others) < k))
+  return data_split, np.repeat(sources, k), np.concatenate(drivers).astype(np.int64)
+
+
+def heads_dataset(config: ml_collections.ConfigDict, workdir: str, split: str,
+                  pipeline: Any = None, lp_params: PyTree = None,
+                  batch_size: int | None = None) -> dict[str, np.ndarray]:
+  """Rows of a head-avatar predictor split: {'feats' (N, 3 + expr_dim) driver motion keys,
+  'targets' (N, E), 'sources', 'drivers' (example indices), 'data_split'}; cached like
+  `dataset`."""
+  from fiancee_jax import data as fdata  # noqa: PLC0415 (heavy: tfds)
+  data_split, sources, drivers = heads_split_rows(config, workdir, split)
+  fp = _fingerprint(config, workdir, split, sources, drivers)
+  path = os.path.join(stage_dir(workdir), f'dataset_{split}.npz')
+  keys = ('feats', 'targets', 'sources', 'drivers')
+  if os.path.exists(path):
+    try:
+      with np.load(path) as f:
+        if str(f['fingerprint']) == fp:
+          return {k: f[k] for k in keys} | {'data_split': data_split}
+    except (OSError, KeyError, ValueError):
+      pass  # unreadable or old cache: rebuilt below
+  if pipeline is None:
+    from fiancee_jax import fiancee  # noqa: PLC0415
+    pipeline = fiancee.load_pipeline(config, workdir, stages=('backbone', 'bank', 'branches'))
+  if lp_params is None:
+    lp_params = lpips_lib.load_params()
+  src = fdata.source(config.data, data_split, data_dir(config, workdir))
+  uniq, inv = np.unique(np.concatenate([sources, drivers]), return_inverse=True)
+  frames = [src[int(i)] for i in uniq]
+  images = np.stack([np.asarray(f['image'], np.uint8) for f in frames])
+  identity = np.array([int(f['identity']) for f in frames], np.int32)
+  s_inv, d_inv = inv[:len(sources)], inv[len(sources):]
+  bs = batch_size or min(max(config.predictor.batch_size, 1), 32)
+  rows = compute_rows(pipeline, pipeline.params, lp_params,
+                      (images[s_inv], images[d_inv], identity[s_inv]), bs, name=split)
+  out = {**rows, 'sources': sources, 'drivers': drivers}
   _save_npz(path, {**out, 'fingerprint': np.array(fp)})
   return out | {'data_split': data_split}
 
@@ -245,8 +360,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   schedule = optax.cosine_decay_schedule(p.lr, max(int(p.num_steps), 1))
   if p.optimizer == 'sgd_cosine':
     return optax.sgd(schedule)
-  if p.optimizer == 'adamw_cosine':
-    return optax.adamw(schedule, weight_decay=1e-2)
+  if p.optimizer == 'adamw_cosine':  # S1.2.2: AdamW(0.05, 0.999), weight decay 1e-2
+    return optax.adamw(schedule, b1=0.05, b2=0.999, weight_decay=1e-2)
   raise ValueError(f"predictor.optimizer={p.optimizer!r}: expected 'sgd_cosine' or "
                    "'adamw_cosine'")
 
@@ -262,11 +377,11 @@ def create_state(config: ml_collections.ConfigDict, feat_shape: Sequence[int],
                          'opt_state': tx.init(params)})
 
 
-def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """Shape (h, w, C) of the predictor input feats['block1'] (OASIS: output of ResBlock 1)."""
-  if config.backbone != 'oasis':
-    raise NotImplementedError(f'predictor stage for backbone {config.backbone!r}: only oasis '
-                              '(the head-avatar predictor reads motion keys, not wired here)')
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Shape of the predictor input: OASIS (h, w, C) of feats['block1'] (the output of
+  ResBlock 1); head avatars (3 + expr_dim,), the driver's motion key."""
+  if config.backbone == 'megaportraits':
+    return (3 + int(config.model.expr_dim),)
   return (config.data.height // 32, config.data.width // 32, cfg.oasis_widths(config.model.ch)[1])
 
 
