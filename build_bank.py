@@ -1,9 +1,12 @@
-"""Build the guiding bank of a trained backbone (FIANCEE Sec. 3.3 / 4.1).
+"""Build the guiding bank of a trained backbone (FIANCEE Sec. 3.3 / 4.1, S1.2.1).
 
   python build_bank.py --config configs/oasis_synthetic.py --workdir runs/demo [--force]
+  python build_bank.py --config configs/megaportraits_synthetic.py --workdir runs/heads
 
-Reads the backbone checkpoint in --workdir, writes <workdir>/bank (keys, values, classes,
-FAISS indices, the K fixed noises, manifest). An up-to-date bank is kept unless --force.
+Reads the backbone checkpoint in --workdir. OASIS: writes <workdir>/bank (keys, values,
+classes, FAISS indices, the K fixed noises, manifest). Head avatars: one frame bank per
+identity of the data, <workdir>/bank/<identity> (fiancee_jax/fiancee_heads.py). An up-to-date
+bank is kept unless --force.
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -11,7 +14,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
 flags.DEFINE_string('workdir', None, 'experiment directory (holds the backbone checkpoint)')
 flags.DEFINE_bool('force', False, 'rebuild even if a valid bank exists')
-flags.DEFINE_integer('batch_size', 16, 'label maps x noises per backbone batch')
+flags.DEFINE_integer('batch_size', 16, 'inputs per backbone batch (maps x noises | frames)')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 

@@ -105,7 +105,8 @@ def frames_meta(config, identity: int,
       raise PipelineError(f'identity {identity}: synthetic_heads has identities '
                           f'0..{d.num_identities - 1}')
     first = int(d.frames_per_identity)  # after the dataset's frames 0..F-1
-    return {'frames': 'rendered', 'frame_ids': [first, first + int(config.bank.frames_per_identity)]}
+    return {'frames': 'rendered',
+            'frame_ids': [first, first + int(config.bank.frames_per_identity)]}
   where = [(s, i) for s, by_id in (index or {}).items() for i in by_id.get(int(identity), [])]
   if not where:
     raise PipelineError(f'identity {identity}: no frames of it in the {d.name} splits')
