@@ -290,7 +290,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Needs the backbone checkpoint and, when config.branches.use_bank, the bank
   (build_bank.py). Writes `checkpoints/branches` (or `branches_nobank`), TensorBoard under
   `tensorboard/<stage>`, sample grids `samples/<stage>_<step>.png` (label | backbone | exits).
-  Returns the final host train state."""
+  Returns the final host train state. A head-avatar config trains its G2D branches in
+  train/branches_heads.py."""
+  if config.backbone == 'megaportraits':
+    from fiancee_jax.train import branches_heads  # noqa: PLC0415
+    return branches_heads.train_and_evaluate(config, workdir, hooks=hooks)
   from fiancee_jax import data as data_loader  # noqa: PLC0415 (heavy: tfds)
 
   cfg.validate(config)
