@@ -71,12 +71,19 @@ def apply_mask(x: Array, mask: Array) -> Array:
   return x.astype(jnp.float32) * mask.astype(jnp.float32)
 
 
-def masked_l1(x: Array, y: Array, mask: Array, eps: float = 1e-6) -> Array:
-  """Mean |x - y| over foreground pixels and channels (background ignored)."""
+def masked_l1(x: Array, y: Array, mask: Array, eps: float = 1e-6,
+              axis_name: str | None = None) -> Array:
+  """Mean |x - y| over foreground pixels and channels (background ignored).
+
+  With `axis_name` (a data-parallel step) the foreground count is averaged over that axis,
+  so the pmean of the per-device losses (and of their gradients) is the global-batch loss."""
   _check_mask(x, mask)
   m = mask.astype(jnp.float32)
   num = jnp.sum(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)) * m)
-  return num / (jnp.sum(m) * x.shape[-1] + eps)
+  count = jnp.sum(m) * x.shape[-1]
+  if axis_name is not None:
+    count = jax.lax.pmean(count, axis_name)
+  return num / (count + eps)
 
 
 def ms_ssim_levels(size: int, win_size: int = 11, max_levels: int = 5) -> int:
@@ -149,12 +156,14 @@ def image_losses(fake: Array, target: Array, mask: Array,
                  d_real_feats: Sequence[Sequence[Array]] | None,
                  weights: Mapping[str, float], *, vgg_params: PyTree = None,
                  vgg_fn: VggFn | None = None, ms_ssim_fn: MsSsimFn | None = None,
-                 gaze_fn: GazeFn | None = None) -> tuple[Array, dict[str, Array]]:
+                 gaze_fn: GazeFn | None = None,
+                 axis_name: str | None = None) -> tuple[Array, dict[str, Array]]:
   """Eq. S3 for a generator output: hinge adversarial + weighted VGG, MS-SSIM, L1, FM, gaze.
 
   d_fake = (logits per scale, activations per scale) of D on the masked fake;
   d_real_feats = D's activations on the masked target (for FM; None iff weights['fm'] == 0).
-  Terms with weight 0 are not computed. Returns (total, metrics incl. every term)."""
+  Terms with weight 0 are not computed. `axis_name`: see `masked_l1` (the other terms are
+  means over equal per-device batches already). Returns (total, metrics incl. every term)."""
   w = check_weights(weights, vgg_params=vgg_params, gaze_fn=gaze_fn)
   fake_logits, fake_feats = d_fake
   metrics = {'adv': hinge_g(fake_logits)}
@@ -163,7 +172,7 @@ def image_losses(fake: Array, target: Array, mask: Array,
   if w.get('ms_ssim', 0.0) > 0:
     metrics['ms_ssim'] = masked_ms_ssim(fake, target, mask, ms_ssim_fn)
   if w.get('l1', 0.0) > 0:
-    metrics['l1'] = masked_l1(fake, target, mask)
+    metrics['l1'] = masked_l1(fake, target, mask, axis_name=axis_name)
   if w.get('fm', 0.0) > 0:
     if d_real_feats is None:
       raise ValueError('loss_weights.fm > 0 needs the discriminator activations on the target')
@@ -206,14 +215,16 @@ def g_loss(g_params: PyTree, g_state: PyTree, d_params: PyTree, batch: Mapping[s
            model, disc, weights: Mapping[str, float], vgg_params: PyTree = None,
            vgg_fn: VggFn | None = None, ms_ssim_fn: MsSsimFn | None = None,
            gaze_fn: GazeFn | None = None, angle_weight: float = 1.0,
-           train: bool = True) -> tuple[Array, tuple[dict[str, Array], PyTree, Array]]:
+           train: bool = True, axis_name: str | None = None
+           ) -> tuple[Array, tuple[dict[str, Array], PyTree, Array]]:
   """Backbone generator loss on a self-reenactment batch.
 
   batch: 'source', 'driver' (B, H, W, 3) in [-1, 1]; 'mask' (B, H, W, 1) foreground;
   optional 'target' (default: the driver, self-reenactment) and 'angles' (B, 3) degrees of
   the driver (supervises the motion encoder, weight `angle_weight`, key 'angles' in
   `weights` overrides it) -- `pair_batch` makes it from the data loader's pairs.
-  g_state: the model's non-param collections ({'batch_stats'}).
+  g_state: the model's non-param collections ({'batch_stats'}). axis_name: the data-parallel
+  axis of a per-device step (the L1 term's normaliser is global, see `masked_l1`).
   Returns (loss, (metrics, new g_state, generated image)); differentiate w.r.t. g_params."""
   for k in ('source', 'driver', 'mask'):
     if k not in batch:
@@ -233,7 +244,7 @@ def g_loss(g_params: PyTree, g_state: PyTree, d_params: PyTree, batch: Mapping[s
   loss_w = {k: v for k, v in weights.items() if k != 'angles'}
   loss, metrics = image_losses(fake, target, mask, (d_fake[0], d_fake[1]['feats']),
                                d_real_feats, loss_w, vgg_params=vgg_params, vgg_fn=vgg_fn,
-                               ms_ssim_fn=ms_ssim_fn, gaze_fn=gaze_fn)
+                               ms_ssim_fn=ms_ssim_fn, gaze_fn=gaze_fn, axis_name=axis_name)
   if 'angles' in batch:
     aw = weights.get('angles', angle_weight)
     metrics['angles'] = angle_loss(feats['angles'], batch['angles'])

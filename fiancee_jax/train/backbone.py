@@ -310,6 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Writes `workdir/checkpoints/backbone/<step>` (state + EMA generator with refreshed BN
   stats + data position), `workdir/tensorboard`, `workdir/samples/step_<n>.png`.
   `hooks(step, device_state, metrics)` run after each step (tests use them)."""
+  if config.backbone == 'megaportraits':  # the head-avatar backbone has its own stage module
+    from fiancee_jax.train import heads  # noqa: PLC0415
+    return heads.train_and_evaluate(config, workdir, hooks=hooks)
   cfg.validate(config)
   t = config.train
   ckpt = checkpoint.Checkpointer(workdir, STAGE, config, keep=t.keep_ckpts)

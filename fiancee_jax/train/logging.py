@@ -101,6 +101,15 @@ def sample_grid(labels: np.ndarray, *images: np.ndarray) -> np.ndarray:
   return np.concatenate(rows, axis=0)
 
 
+def image_grid(*images: np.ndarray) -> np.ndarray:
+  """One row per example, the image sets side by side (e.g. source | driver | generated).
+
+  images: each (B, H, W, 3) in [-1, 1]. Returns uint8 (B*H, len(images)*W, 3)."""
+  rows = [np.concatenate([to_uint8(x[i]) for x in images], axis=1)
+          for i in range(images[0].shape[0])]
+  return np.concatenate(rows, axis=0)
+
+
 def write_png(path: str, image: np.ndarray) -> None:
   """Atomic PNG write (tmp + rename)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

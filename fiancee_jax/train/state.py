@@ -32,6 +32,15 @@ class GANState:
   rng: jax.Array           # uint32[2] base key; per step: fold_in(rng, step)
 
 
+@flax.struct.dataclass
+class StepState:
+  """What a jitted train step carries: the checkpointed `train` state and `frozen` arrays it
+  only reads (pretrained loss trunks such as VGG19): jit arguments, never constants, and
+  never checkpointed."""
+  train: Any
+  frozen: dict
+
+
 def split_variables(variables: PyTree) -> tuple[PyTree, dict[str, PyTree]]:
   """Flax variables -> (params, {other collection: value}), the latter as a plain dict."""
   variables = flax.core.unfreeze(variables)
@@ -53,6 +62,8 @@ def ema_update(ema: PyTree, new: PyTree, decay: float | jax.Array) -> PyTree:
   return jax.tree.map(upd, ema, new)
 
 
-def adam(lr: float, b1: float, b2: float, weight_decay: float) -> optax.GradientTransformation:
-  """OASIS optimiser: Adam(b1, b2), decoupled weight decay (0 in OASIS)."""
+def adam(lr: float | optax.Schedule, b1: float, b2: float,
+         weight_decay: float) -> optax.GradientTransformation:
+  """Adam(b1, b2) with decoupled weight decay (AdamW): OASIS (wd 0, constant lr) and the
+  head-avatar backbone (wd 1e-2, cosine schedule)."""
   return optax.adamw(lr, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay)
