@@ -29,6 +29,7 @@ def get_config(arg=None):
   c.train.num_steps = 1000        # the shipped demo backbone (assets/) was trained this far
   c.train.ema_decay = 0.99        # a 1000-step run: 0.999 would leave 37% of the init in the EMA
   c.train.bn_refresh_batches = 10
+  c.train.sn_kernel_init = 'torch_default'  # xavier(0.02) blows up at step 2-3 (layers.py)
   c.branches.sf = 0.25
   c.branches.min_channels = 16
   c.branches.batch_size = 4

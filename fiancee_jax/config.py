@@ -109,6 +109,9 @@ def base_oasis() -> ml_collections.ConfigDict:
   c.train.labelmix_lambda = 5.0   # Cityscapes
   c.train.vgg_lambda = 0.0        # OASIS default: off
   c.train.ema_decay = 0.999       # Cityscapes
+  # Spectral-norm kernels at init: 'xavier' = OASIS's xavier_normal(0.02); 'torch_default' =
+  # the same forward pass with kernels at PyTorch's default conv size (layers.py says why).
+  c.train.sn_kernel_init = 'xavier'
 
   c.branches.exits = (1, 2, 3, 4)  # after ResBlock k (1-based), depth 6-k
   c.branches.alpha_vgg = 10.0      # Eq. S1
@@ -249,6 +252,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          'height and width must be multiples of 32')
     need(d.num_classes >= 2, f'data.num_classes={d.num_classes}: expected >= 2')
     need(m.num_blocks == 6, f'model.num_blocks={m.num_blocks}: the OASIS generator has 6')
+    need(config.train.sn_kernel_init in ('xavier', 'torch_default'),
+         f"train.sn_kernel_init={config.train.sn_kernel_init!r}: expected 'xavier' or "
+         "'torch_default'")
     need(m.ch > 0 and m.z_dim >= 0 and m.spade_hidden > 0, 'model.ch/z_dim/spade_hidden invalid')
     need(len(config.disc.channels) == 7 and config.disc.channels[0] == 3,
          'disc.channels: expected 7 widths starting with 3')
@@ -275,9 +281,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+# How long a stage runs and how often it reports: never part of a checkpoint's identity, so a
+# finished run can be extended (`--config.branches.num_steps=...`) and resumes.
+RUN_LENGTH_KEYS = ('num_steps', 'log_every', 'sample_every', 'ckpt_every', 'keep_ckpts')
+
+
 def config_hash(config: ml_collections.ConfigDict, sections: Sequence[str] = ('model',)) -> str:
-  """Stable short hash of the config sections that fix parameter shapes."""
-  payload = {s: config[s].to_dict() for s in sections}
+  """Stable short hash of the config sections that fix parameter shapes (less the
+  RUN_LENGTH_KEYS)."""
+  payload = {s: {k: v for k, v in config[s].to_dict().items() if k not in RUN_LENGTH_KEYS}
+             for s in sections}
   payload['backbone'] = config.backbone
   if config.backbone == 'oasis':
     payload['shape'] = (config.data.height, config.data.width, config.data.num_classes)

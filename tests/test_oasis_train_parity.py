@@ -182,12 +182,9 @@ def test_one_train_step_matches_oasis(tmp_path, repo):
   batch = _step_inputs(d.num_classes, d.height, d.width, t.batch_size)
   z_d, z_g, mask = backbone.step_noise(state.rng, state.step, jnp.asarray(batch['label']), models,
                                        axis_name=None)
-  # The step's carry is the GANState, or a StepState wrapping it (train.backbone with the
-  # frozen VGG trunk); either way one jitted train_step on one device.
-  wrap = getattr(backbone, 'step_state', lambda _, s: s)
   step = jax.jit(lambda s, b: backbone.train_step(s, b, models=models, axis_name=None))
-  new, metrics = step(wrap(models, state), batch)
-  new = getattr(new, 'train', new)
+  new, metrics = step(backbone.step_state(models, state), batch)
+  new = new.train
 
   # PyTorch: the same iteration with the same draws.
   sd_g0 = _state_dict(g_t)

@@ -15,7 +15,7 @@ def setup():
   c = cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'oasis_synthetic.py'),
                'tiny')
   models, dp4 = backbone.compiled(c)   # shard_map over all 4 devices (shared with train tests)
-  state0 = backbone.create_train_state(c, models)
+  state0 = backbone.step_state(models, backbone.create_train_state(c, models))
   rng = np.random.default_rng(0)
   h, w = c.data.height, c.data.width
   labels = rng.integers(0, 6, (4, h, w)).astype(np.uint8)
@@ -23,7 +23,7 @@ def setup():
   batch = {'image': rng.integers(0, 256, (4, h, w, 3)).astype(np.uint8), 'label': labels}
   dp1 = parallel.wrap(backbone.make_step(models), 'shard_map', devices=jax.devices()[:1])
   ref, ref_metrics = dp1(dp1.put_state(state0), dp1.put_batch(batch))
-  return c, models, dp4, state0, batch, dp1.get_state(ref), ref_metrics
+  return c, models, dp4, state0.train, batch, dp1.get_state(ref.train), ref_metrics
 
 
 def _assert_close(a, b, atol):
@@ -54,8 +54,8 @@ def test_four_devices_equal_one(setup, mode):
   _, models, dp4, state0, batch, ref, ref_metrics = setup
   dp = dp4 if mode == 'shard_map' else parallel.wrap(backbone.make_step(models), 'pmap')
   assert dp.num_devices == 4
-  out, metrics = dp(dp.put_state(state0), dp.put_batch(batch))
-  out = dp.get_state(out)
+  out, metrics = dp(dp.put_state(backbone.step_state(models, state0)), dp.put_batch(batch))
+  out = dp.get_state(out.train)
   for k in ref_metrics:
     np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=1e-4, atol=1e-5)
   _assert_close(out.params_g, ref.params_g, atol=2e-5)
@@ -69,3 +69,22 @@ def test_batch_must_split_over_devices():
     parallel.check_batch_size(6, 4)
   with pytest.raises(ValueError, match="parallel='nope'"):
     parallel.wrap(lambda s, b, axis_name: (s, {}), 'nope')
+
+
+def test_vgg_loss_in_generator_step(setup):
+  """train.vgg_lambda > 0 adds the OASIS VGG term to G's loss: reported and it moves G."""
+  c, _, _, state0, batch, ref, _ = setup
+  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'oasis_synthetic.py'),
+               'tiny')
+  with c.unlocked():
+    c.train.vgg_lambda = 10.0
+  models = backbone.build_models(c)
+  dp1 = parallel.wrap(backbone.make_step(models), 'shard_map', devices=jax.devices()[:1])
+  carry = backbone.step_state(models, state0)
+  assert set(carry.frozen) == {'vgg'}
+  out, metrics = dp1(dp1.put_state(carry), dp1.put_batch(batch))
+  assert np.isfinite(float(metrics['g_vgg'])) and float(metrics['g_vgg']) > 0
+  out = dp1.get_state(out.train)
+  _assert_close(out.params_d, ref.params_d, atol=1e-6)   # D's update does not see the VGG term
+  diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), out.params_g, ref.params_g)
+  assert max(jax.tree.leaves(diff)) > 1e-6

@@ -81,3 +81,15 @@ def test_default_loss_properties():
   assert float(jnp.abs(gy).sum()) == 0.0  # target features are detached, as in OASIS
   with pytest.raises(ValueError, match='NHWC'):
     fn(x, y[:, :16])
+
+
+def test_to_reference_equals_one_call_per_prediction():
+  """Per-exit losses against one target in one trunk pass == separate calls."""
+  params, mode = vgg_loss.load_params()
+  y = jnp.asarray(_images(5))
+  xs = jnp.stack([jnp.clip(y + s * jax.random.normal(jax.random.PRNGKey(i), y.shape), -1, 1)
+                  for i, s in enumerate((0.05, 0.2, 0.5))])
+  got = vgg_loss.to_reference(params, y, xs, mode)
+  want = jnp.stack([vgg_loss.apply(params, x, y, mode) for x in xs])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+  assert got.shape == (3,) and bool(jnp.all(jnp.diff(got) > 0))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -28,23 +27,22 @@ def _normalize(f: jnp.ndarray, eps: float = 1e-10) -> jnp.ndarray:
   return f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + eps)
 
 
-class LPIPS(nn.Module):
-  """LPIPS(VGG16); returns (distance (B,), {'layer{k}': per-layer distance (B,)})."""
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    shift = jnp.asarray(_SHIFT, x.dtype)
-    scale = jnp.asarray(_SCALE, x.dtype)
-    b = x.shape[0]
-    trunk = VGG(arch='vgg16', last='relu5_3', name='vgg')
-    _, acts = trunk(jnp.concatenate([(x - shift) / scale, (y - shift) / scale], axis=0))
-    per_layer = {}
-    for k, name in enumerate(FEATURES):
-      f = acts[name]
-      d = (_normalize(f[:b]) - _normalize(f[b:])) ** 2
-      w = self.param(f'lin{k}', nn.initializers.zeros, (f.shape[-1],))
-      per_layer[f'layer{k}'] = jnp.mean(d @ w.astype(d.dtype), axis=(1, 2))
-    return sum(per_layer.values()), per_layer
+def to_reference(params: dict, reference: jnp.ndarray, images: jnp.ndarray) -> jnp.ndarray:
+  """LPIPS(images[e], reference) for every e: reference (B,H,W,3), images (E,B,H,W,3), both in
+  [-1, 1] -> (E, B). The reference's VGG16 features are computed once (E+1 trunk passes, not
+  2E): the exits of a branch set are all compared with the same backbone image."""
+  e, b = images.shape[:2]
+  shift = jnp.asarray(_SHIFT, reference.dtype)
+  scale = jnp.asarray(_SCALE, reference.dtype)
+  x = jnp.concatenate([reference[None], images], 0).reshape((-1,) + reference.shape[1:])
+  _, acts = VGG(arch='vgg16', last='relu5_3').apply({'params': params['vgg']}, (x - shift) / scale)
+  total = 0.0
+  for k, name in enumerate(FEATURES):
+    f = _normalize(acts[name])
+    f = f.reshape((e + 1, b) + f.shape[1:])
+    d = (f[1:] - f[:1]) ** 2
+    total = total + jnp.mean(d @ params[f'lin{k}'].astype(d.dtype), axis=(2, 3))
+  return total
 
 
 def _check_images(x: Any, y: Any) -> None:
@@ -57,7 +55,7 @@ def _check_images(x: Any, y: Any) -> None:
 
 def apply(params: dict, x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
   """Pure LPIPS: params from `load_params`, x, y NHWC in [-1, 1] -> (B,)."""
-  return LPIPS().apply({'params': params}, x, y)[0]
+  return to_reference(params, y, x[None])[0]
 
 
 def load_params(weights: Any = None) -> dict:

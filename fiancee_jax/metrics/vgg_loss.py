@@ -10,7 +10,6 @@ Layers relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 with weights 1/32, 1/16, 1/8,
 from __future__ import annotations
 
 import os
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -19,6 +18,14 @@ from fiancee_jax.weights import vgg
 LAYERS = ('relu1_1', 'relu2_1', 'relu3_1', 'relu4_1', 'relu5_1')
 LAYER_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+DEFAULT_MODE = 'caffe'   # the offline trunk `load_params()` gives
+
+
+def loss_scale(mode: str) -> float:
+  """Brings the loss to the scale OASIS's weights were tuned for (torchvision VGG19 fed
+  [-1, 1] images). The Caffe trunk is fed 0..255 inputs, 127.5x larger, and its ReLU features
+  (hence the L1 terms) grow about linearly with the input scale."""
+  return 1.0 / 127.5 if mode == 'caffe' else 1.0
 
 
 def preprocess(x: jnp.ndarray, mode: str) -> jnp.ndarray:
@@ -30,23 +37,25 @@ def preprocess(x: jnp.ndarray, mode: str) -> jnp.ndarray:
   raise ValueError(f'VGG loss preprocess mode {mode!r}; expected "caffe" or "oasis"')
 
 
-class VGGLoss(nn.Module):
-  """Returns (loss scalar, {'relu{b}_1': weighted L1 term})."""
-  preprocess: str = 'caffe'
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    b = x.shape[0]
-    z = preprocess(jnp.concatenate([x, y], axis=0), self.preprocess)
-    _, acts = vgg.VGG(arch='vgg19', last='relu5_1', name='vgg')(z)
-    terms = {name: w * jnp.mean(jnp.abs(acts[name][:b] - jax.lax.stop_gradient(acts[name][b:])))
-             for name, w in zip(LAYERS, LAYER_WEIGHTS)}
-    return sum(terms.values()), terms
+def to_reference(params: dict, reference: jnp.ndarray, images: jnp.ndarray,
+                 mode: str = 'caffe') -> jnp.ndarray:
+  """Loss of every prediction images[e] (E,B,H,W,3) against one target `reference` (B,H,W,3),
+  NHWC in [-1, 1] -> (E,). The target's features are computed once (E+1 trunk passes, not 2E)
+  and carry no gradient."""
+  e, b = images.shape[:2]
+  x = jnp.concatenate([reference[None], images], 0).reshape((-1,) + reference.shape[1:])
+  _, acts = vgg.VGG(arch='vgg19', last='relu5_1').apply({'params': params['vgg']},
+                                                        preprocess(x, mode))
+  total = 0.0
+  for name, w in zip(LAYERS, LAYER_WEIGHTS):
+    f = acts[name].reshape((e + 1, b) + acts[name].shape[1:])
+    total = total + w * jnp.mean(jnp.abs(f[1:] - jax.lax.stop_gradient(f[:1])), axis=(1, 2, 3, 4))
+  return total
 
 
 def apply(params: dict, x: jnp.ndarray, y: jnp.ndarray, preprocess: str = 'caffe') -> jnp.ndarray:
   """Pure loss: params {'vgg': VGG19 params}, x (prediction), y (target) NHWC in [-1, 1]."""
-  return VGGLoss(preprocess).apply({'params': params}, x, y)[0]
+  return to_reference(params, y, x[None], preprocess)[0]
 
 
 _apply_jit = jax.jit(apply, static_argnames='preprocess')

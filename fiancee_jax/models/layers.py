@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import flax
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -30,6 +32,34 @@ Dtype = Any
 def xavier_normal(gain: float = 0.02) -> nn.initializers.Initializer:
   """torch.nn.init.xavier_normal_(gain): std = gain * sqrt(2 / (fan_in + fan_out))."""
   return nn.initializers.variance_scaling(gain ** 2, 'fan_avg', 'normal')
+
+
+def torch_default_scale_sn_kernels(params: dict, collections: dict,
+                                   gain: float = 0.02) -> dict:
+  """Rescale every spectral-norm conv kernel (initialised `xavier_normal(gain)`) to PyTorch's
+  default conv init size, std 1/sqrt(3 fan_in) (kaiming_uniform(a=sqrt(5))).
+
+  Spectral norm divides the kernel by its largest singular value, so the forward pass is
+  unchanged (u, v are unit vectors); only the optimiser sees a different parametrisation. With
+  xavier(0.02) the kernels are ~lr-sized and Adam's first steps change them by ~100%, the one
+  power iteration per step lags, and the gain compounds over ~25 SN layers: losses blow up at
+  step 2-3 and Adam's second moment then freezes training (the PyTorch reference does the same).
+  A kernel of the default size moves ~1% per step instead. Used by the backbone stage when
+  config.train.sn_kernel_init = 'torch_default'.
+  """
+  out = flax.core.unfreeze(params)
+  spectral = flax.traverse_util.flatten_dict(flax.core.unfreeze(collections.get(SN_COLLECTION, {})))
+  flat = flax.traverse_util.flatten_dict(out)
+  for path in spectral:
+    if path[-1] != 'u':
+      continue
+    key = path[:-1] + ('kernel',)
+    k = flat[key]
+    kh, kw, cin, cout = k.shape
+    fan_in, fan_out = kh * kw * cin, kh * kw * cout
+    xavier_std = gain * (2.0 / (fan_in + fan_out)) ** 0.5
+    flat[key] = k * ((3.0 * fan_in) ** -0.5 / xavier_std)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def nearest_down(x: jax.Array, size: Sequence[int]) -> jax.Array:

@@ -1,8 +1,11 @@
 """Backbone stage: train the OASIS generator + U-Net discriminator (Sec. 4.1, OASIS).
 
 One pure per-device step (`train_step`): D update (class-balanced N+1 CE on real / fake +
-LabelMix), then G update (N+1 CE with real targets on D(G(z, label))), then the EMA of the
-generator (params and BN / spectral-norm state, as OASIS averages the whole state_dict).
+LabelMix), then G update (N+1 CE with real targets on D(G(z, label)), plus the optional OASIS
+VGG loss `train.vgg_lambda * VGG(G(z, label), real)`), then the EMA of the generator (params
+and BN / spectral-norm state, as OASIS averages the whole state_dict). The step's state is a
+`StepState`: the checkpointed `GANState` plus the frozen VGG trunk (jit arguments, never
+constants; empty when vgg_lambda = 0).
 Gradients and metrics are averaged over `axis_name`; the models' sync batch norm averages
 statistics over it, so N devices on a global batch equal one device on that batch.
 
@@ -34,11 +37,12 @@ from jax import lax
 
 from fiancee_jax import config as cfg
 from fiancee_jax import losses
+from fiancee_jax.metrics import vgg_loss as vgg_lib
 from fiancee_jax.models import discriminators, oasis
-from fiancee_jax.models.layers import MUTABLE
+from fiancee_jax.models.layers import MUTABLE, torch_default_scale_sn_kernels
 from fiancee_jax.train import bn_refresh, checkpoint, parallel
 from fiancee_jax.train import logging as tlog
-from fiancee_jax.train.state import GANState, adam, ema_update, split_variables
+from fiancee_jax.train.state import GANState, StepState, adam, ema_update, split_variables
 
 STAGE = 'backbone'
 PyTree = Any
@@ -57,6 +61,8 @@ class Models:
   z_dim: int
   labelmix_lambda: float
   ema_decay: float
+  vgg_lambda: float = 0.0
+  vgg_mode: str = 'caffe'       # input convention of the VGG trunk (metrics/vgg_loss.py)
 
   def __hash__(self):  # optax transformations are not hashable; identity is enough
     return id(self)
@@ -69,10 +75,6 @@ def build_models(config: ml_collections.ConfigDict, axis_name: str | None = para
     raise ValueError(f'train.py --stage=backbone: config.backbone={config.backbone!r}; '
                      "only 'oasis' backbone training is implemented here")
   t = config.train
-  if t.vgg_lambda > 0:
-    raise NotImplementedError(
-        f'config.train.vgg_lambda={t.vgg_lambda}: the optional OASIS VGG loss is not wired into '
-        'the backbone step yet (OASIS default is 0); set train.vgg_lambda=0')
   return Models(
       generator=oasis.from_config(config, axis_name=axis_name),
       generator_local=oasis.from_config(config, axis_name=None),
@@ -80,7 +82,14 @@ def build_models(config: ml_collections.ConfigDict, axis_name: str | None = para
       tx_g=adam(t.lr_g, t.beta1, t.beta2, t.weight_decay),
       tx_d=adam(t.lr_d, t.beta1, t.beta2, t.weight_decay),
       num_classes=config.data.num_classes, z_dim=config.model.z_dim,
-      labelmix_lambda=float(t.labelmix_lambda), ema_decay=float(t.ema_decay))
+      labelmix_lambda=float(t.labelmix_lambda), ema_decay=float(t.ema_decay),
+      vgg_lambda=float(t.vgg_lambda), vgg_mode=vgg_lib.DEFAULT_MODE)
+
+
+def step_state(models: Models, train: GANState) -> StepState:
+  """Wrap a train state with the frozen arrays the step needs (the VGG trunk if used)."""
+  frozen = {'vgg': vgg_lib.load_params()[0]} if models.vgg_lambda > 0 else {}
+  return StepState(train=train, frozen=frozen)
 
 
 def create_train_state(config: ml_collections.ConfigDict, models: Models | None = None,
@@ -96,6 +105,9 @@ def create_train_state(config: ml_collections.ConfigDict, models: Models | None 
   init_g, init_d = _init_fns(models)
   params_g, state_g = split_variables(init_g(k_g, labels, z))
   params_d, state_d = split_variables(init_d(k_d, image))
+  if config.train.sn_kernel_init == 'torch_default':
+    params_g = torch_default_scale_sn_kernels(params_g, state_g)
+    params_d = torch_default_scale_sn_kernels(params_d, state_d)
   state = GANState(
       step=jnp.zeros((), jnp.int32), params_g=params_g, params_d=params_d,
       state_g=state_g, state_d=state_d,
@@ -136,9 +148,10 @@ def preprocess(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
   return image, batch['label'].astype(jnp.int32)
 
 
-def train_step(state: GANState, batch: dict[str, jax.Array], *, models: Models,
-               axis_name: str | None = parallel.AXIS) -> tuple[GANState, dict[str, jax.Array]]:
+def train_step(carry: StepState, batch: dict[str, jax.Array], *, models: Models,
+               axis_name: str | None = parallel.AXIS) -> tuple[StepState, dict[str, jax.Array]]:
   """One OASIS iteration on this device's share of the batch: D update, G update, EMA."""
+  state = carry.train
   G, D, N = models.generator, models.discriminator, models.num_classes
   real, labels = preprocess(batch)
   z_d, z_g, mask = step_noise(state.rng, state.step, labels, models, axis_name)
@@ -185,7 +198,13 @@ def train_step(state: GANState, batch: dict[str, jax.Array], *, models: Models,
     fake_g, sg = gen(params_g, state_g, z_g)
     logits, sd = disc(params_d, state_d, fake_g)
     adv = losses.n1_cross_entropy(logits, labels, for_real=True, weights=weights)
-    return adv, (sg, sd, {'g_adv': adv})
+    total, metrics = adv, {'g_adv': adv}
+    if models.vgg_lambda > 0:
+      vgg = vgg_lib.apply(carry.frozen['vgg'], fake_g, real, models.vgg_mode)
+      vgg = vgg * vgg_lib.loss_scale(models.vgg_mode)
+      total = total + models.vgg_lambda * vgg
+      metrics['g_vgg'] = vgg
+    return total, (sg, sd, metrics)
 
   (_, (state_g, state_d, g_metrics)), g_grads = jax.value_and_grad(
       g_loss_fn, has_aux=True)(state.params_g)
@@ -202,10 +221,10 @@ def train_step(state: GANState, batch: dict[str, jax.Array], *, models: Models,
       state_d=state_d, ema_params_g=ema_params_g, ema_state_g=ema_state_g,
       opt_g=opt_g, opt_d=opt_d)
   metrics = pmean({**d_metrics, **g_metrics})
-  return new_state, metrics
+  return carry.replace(train=new_state), metrics
 
 
-def make_step(models: Models) -> Callable[..., tuple[GANState, dict]]:
+def make_step(models: Models) -> Callable[..., tuple[StepState, dict]]:
   """The per-device step with the static models bound (pass to parallel.wrap)."""
   return functools.partial(train_step, models=models)
 
@@ -361,7 +380,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
   writer = tlog.MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=is_chief)
   start = int(host_state.step)
   progress = tlog.Progress(t.num_steps, start, t.log_every, name=STAGE)
-  state = dp.put_state(host_state)
+  state = dp.put_state(step_state(models, host_state))
   stop = _StopFlag()
   last_saved = start if ckpt.latest_step() == start else None
 
@@ -401,7 +420,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
         do_sample = step % t.sample_every == 0 or step == t.num_steps
         do_ckpt = step % t.ckpt_every == 0 or step == t.num_steps or stop.signum is not None
         if do_sample or do_ckpt:
-          host_state = dp.get_state(state)
+          host_state = dp.get_state(state.train)
           refreshed = ema_refreshed(host_state)
           if do_sample and is_chief:
             sample(step, host_state, refreshed)
@@ -411,7 +430,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
       if stop.signum is not None:
         print(f'[{STAGE}] stopped by signal {stop.signum} after step {step}; checkpoint saved '
               f'in {ckpt.directory}; rerun the same command to resume', flush=True)
-    host_state = dp.get_state(state)
+    host_state = dp.get_state(state.train)
     if last_saved != int(host_state.step):
       save(int(host_state.step), host_state, ema_refreshed(host_state))
   finally:

@@ -203,14 +203,16 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
                                          guide, True, mutable=mut_b)
     fakes = jnp.stack([imgs[k] for k in models.exits])
     logits, sd = jax.vmap(disc, in_axes=(0, 0, 0))(tr.params_d, tr.state_d, fakes)
+    # The backbone image's LPIPS / VGG features once for all exits.
+    lp = jnp.mean(lpips_lib.to_reference(fr.lpips, target, fakes), axis=1)
+    vg = (vgg_lib.to_reference(fr.vgg, target, fakes, models.vgg_mode)
+          * vgg_lib.loss_scale(models.vgg_mode) if models.alpha_vgg > 0
+          else jnp.zeros(len(models.exits)))
     m, total = {}, 0.0
     for i, k in enumerate(models.exits):
       adv = losses.n1_cross_entropy(logits[i], labels, for_real=True, weights=weights)
-      lp = jnp.mean(lpips_lib.apply(fr.lpips, fakes[i], target))
-      vg = (vgg_lib.apply(fr.vgg, fakes[i], target, models.vgg_mode) * _vgg_scale(models)
-            if models.alpha_vgg > 0 else jnp.zeros(()))
-      total = total + adv + models.alpha_vgg * vg + models.beta_lpips * lp
-      m.update({f'exit{k}/adv': adv, f'exit{k}/vgg': vg, f'exit{k}/lpips': lp})
+      total = total + adv + models.alpha_vgg * vg[i] + models.beta_lpips * lp[i]
+      m.update({f'exit{k}/adv': adv, f'exit{k}/vgg': vg[i], f'exit{k}/lpips': lp[i]})
     m['b_total'] = total
     return total, ({**tr.state_b, **new_sb}, sd, fakes, m)
 
@@ -250,13 +252,6 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
   new_train = tr.replace(step=tr.step + 1, params_b=params_b, state_b=state_b,
                          params_d=params_d, state_d=state_d, opt_b=opt_b, opt_d=opt_d)
   return state.replace(train=new_train), pmean({**b_metrics, **d_metrics})
-
-
-def _vgg_scale(models: Models) -> float:
-  """Brings the VGG loss to the scale alpha_vgg = 10 was tuned for (OASIS: torchvision
-  VGG19 fed [-1, 1] images). The offline Caffe trunk is fed 0..255 inputs, 127.5x larger,
-  and its ReLU features (hence the L1 terms) grow about linearly with the input scale."""
-  return 1.0 / 127.5 if models.vgg_mode == 'caffe' else 1.0
 
 
 def make_step(models: Models) -> Callable[..., tuple[BranchState, dict]]:

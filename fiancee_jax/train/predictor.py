@@ -127,26 +127,6 @@ def load_labels(config: ml_collections.ConfigDict, workdir: str, data_split: str
 # Targets: LPIPS of every exit against the backbone, one jitted pass.
 
 
-def lpips_to_reference(lp_params: PyTree, reference: jax.Array, images: jax.Array) -> jax.Array:
-  """LPIPS(images[e], reference) for every e: reference (B,H,W,3), images (E,B,H,W,3) ->
-  (B, E). The network and weights of `metrics.lpips.apply`, with the reference's VGG features
-  computed once (E+1 VGG passes instead of 2E)."""
-  from fiancee_jax.weights.vgg import VGG  # noqa: PLC0415
-  e, b = images.shape[:2]
-  shift = jnp.asarray(lpips_lib._SHIFT, reference.dtype)  # noqa: SLF001 (same constants)
-  scale = jnp.asarray(lpips_lib._SCALE, reference.dtype)  # noqa: SLF001
-  x = jnp.concatenate([reference[None], images], 0).reshape((-1,) + reference.shape[1:])
-  _, acts = VGG(arch='vgg16', last='relu5_3').apply({'params': lp_params['vgg']},
-                                                     (x - shift) / scale)
-  total = 0.0
-  for k, name in enumerate(lpips_lib.FEATURES):
-    f = lpips_lib._normalize(acts[name])  # noqa: SLF001
-    f = f.reshape((e + 1, b) + f.shape[1:])
-    d = (f[1:] - f[:1]) ** 2
-    total = total + jnp.mean(d @ lp_params[f'lin{k}'], axis=(2, 3))
-  return total.T
-
-
 _TARGET_CACHE: dict[int, tuple[Any, Any]] = {}
 
 
@@ -161,7 +141,7 @@ def _target_fn(pipeline: Any):
 
   def lpips_of(lp_params, images):
     exits = jnp.stack([images[k] for k in pipeline.exits])
-    return lpips_to_reference(lp_params, images['backbone'], exits)
+    return lpips_lib.to_reference(lp_params, images['backbone'], exits).T
 
   if pipeline.config.backbone == 'megaportraits':
     def fn(params, lp_params, source, driver, identity):
