@@ -6,12 +6,19 @@
   python infer.py --config configs/oasis_synthetic.py --workdir runs/demo --sweep \
       [--thresholds 0.05,0.1,0.2]
 
+Head avatars: a (source, driver) pair; the source identity picks the frame bank (a dataset
+source brings its own, a source file needs --identity):
+  python infer.py --config configs/megaportraits_synthetic.py --workdir runs/heads \
+      --source src.png --identity 38 --driver drv.png --threshold 0.1 [--verify] [--out out.png]
+  python infer.py --config configs/megaportraits_synthetic.py --workdir runs/heads \
+      --source_index 0 --driver_index 5 --split test --threshold 0.1
+  python infer.py --config configs/megaportraits_synthetic.py --workdir runs/heads --sweep
+
 One input prints a JSON line: chosen exit, predicted (and with --verify true) LPIPS, GMACs,
 latency; the image goes to --out (default <workdir>/infer/<name>_t<threshold>.png).
 --sweep writes <workdir>/report/ (report.md, summary.json, figures).
 """
 import json
-import os
 import sys
 
 from absl import app, flags
@@ -21,7 +28,13 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_
 flags.DEFINE_string('workdir', None, 'Workdir holding the trained stages.')
 flags.DEFINE_string('label', None, 'Label-id PNG (single channel, class ids).')
 flags.DEFINE_integer('index', None, 'Use label map --index of the --split data split instead.')
-flags.DEFINE_string('split', 'test', 'Data split for --index.')
+flags.DEFINE_string('split', 'test', 'Data split for --index / --source_index / --driver_index.')
+flags.DEFINE_string('source', None, 'Head avatars: source RGB image (needs --identity).')
+flags.DEFINE_string('driver', None, 'Head avatars: driver RGB image.')
+flags.DEFINE_integer('source_index', None, 'Head avatars: source = example N of --split.')
+flags.DEFINE_integer('driver_index', None, 'Head avatars: driver = example N of --split.')
+flags.DEFINE_integer('identity', None, 'Head avatars: identity whose frame bank guides a '
+                     '--source file.')
 flags.DEFINE_integer('noise_seed', 0, 'Seed of the noise z.')
 flags.DEFINE_string('threshold', '0.1', 'LPIPS threshold (> 0).')
 flags.DEFINE_float('offset', 0.0, 'Conformal offset added to predictions (0 = paper rule).')
@@ -51,7 +64,10 @@ def main(argv):
     info = infer_lib.infer_file(FLAGS.config, FLAGS.workdir, label=FLAGS.label,
                                 index=FLAGS.index, split=FLAGS.split, noise_seed=FLAGS.noise_seed,
                                 threshold=t, offset=FLAGS.offset, verify=FLAGS.verify,
-                                out=FLAGS.out, repeats=max(FLAGS.repeats, 1))
+                                out=FLAGS.out, repeats=max(FLAGS.repeats, 1),
+                                source=FLAGS.source, driver=FLAGS.driver,
+                                source_index=FLAGS.source_index,
+                                driver_index=FLAGS.driver_index, identity=FLAGS.identity)
     print(json.dumps(info))
   except (infer_lib.InferError, FileNotFoundError) as e:
     sys.exit(f'infer.py: {e}')

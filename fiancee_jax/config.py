@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Sequence
 
 import ml_collections
@@ -279,6 +280,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if problems:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems))
   return config
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the stages read prepared datasets: data.data_dir, else <workdir>/../data (so the
+  runs of one machine share one prepared copy)."""
+  return config.data.data_dir or os.path.join(os.path.abspath(workdir), '..', 'data')
 
 
 # How long a stage runs and how often it reports: never part of a checkpoint's identity, so a

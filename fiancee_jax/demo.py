@@ -79,9 +79,9 @@ def headline(summary: dict[str, Any]) -> str:
 def run(config: Any, workdir: str, config_arg: Sequence[str], *,
         backbone_from: str | None = None, stages: Sequence[str] = STAGES) -> dict[str, Any]:
   """Run the missing stages; returns the report summary."""
+  from fiancee_jax import config as cfg  # noqa: PLC0415
   from fiancee_jax import data, infer_lib  # noqa: PLC0415
   from fiancee_jax.train import checkpoint  # noqa: PLC0415
-  from fiancee_jax.train import predictor as tp  # noqa: PLC0415
   os.makedirs(workdir, exist_ok=True)
   t_all = time.perf_counter()
   summary = None
@@ -93,7 +93,7 @@ def run(config: Any, workdir: str, config_arg: Sequence[str], *,
     t0 = time.perf_counter()
     print(f'{head}: running', flush=True)
     if stage == 'data':
-      path = data.prepare(config.data, tp.data_dir(config, workdir))
+      path = data.prepare(config.data, cfg.data_dir(config, workdir))
       print(f'{head}: {path}', flush=True)
     elif stage == 'report':
       summary = infer_lib.sweep(config, workdir)

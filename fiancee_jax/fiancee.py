@@ -222,7 +222,7 @@ def _abstract_inputs(config, batch: int = 1):
 
 def bank_shapes(config) -> dict[str, Any]:
   """Manifest fields a bank for this config must have (grid, key dim, value patch)."""
-  d, m, b = config.data, config.model, config.bank
+  d, b = config.data, config.bank
   specs = branches_lib.backbone_blocks(config)
   key, val = specs[b.key_block - 1], specs[b.value_block - 1]
   return {'grid': [key.height, key.width], 'key_dim': key.fout,
@@ -524,10 +524,6 @@ def fixed_noises(config, num: int | None = None) -> np.ndarray:
   return np.asarray(jax.random.normal(key, (k, config.model.z_dim)), np.float32)
 
 
-def _data_dir(config, workdir: str) -> str:
-  return config.data.data_dir or os.path.join(os.path.abspath(workdir), '..', 'data')
-
-
 def _bank_meta(config, noises: np.ndarray, map_ids: np.ndarray) -> dict:
   return {'num_maps': int(config.bank.num_maps), 'num_noises': int(config.bank.num_noises),
           'max_per_class': int(config.bank.max_per_class), 'seed': int(config.seed),
@@ -600,7 +596,7 @@ def build_bank(config, workdir: str, *, force: bool = False, batch_size: int = 1
     if why != 'no bank yet':
       print(f'[bank] rebuilding {path}: {why}', flush=True)
   b = config.bank
-  src = data.source(config.data, 'train', _data_dir(config, workdir))
+  src = data.source(config.data, 'train', cfg.data_dir(config, workdir))
   if b.num_maps > len(src):
     raise PipelineError(f'config.bank.num_maps={b.num_maps}: the train split has only '
                         f'{len(src)} label maps')

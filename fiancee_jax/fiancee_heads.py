@@ -287,7 +287,7 @@ def build_bank(config, workdir: str, *, force: bool = False, batch_size: int = 1
                         'expected > 0')
   g_params, g_coll, g_meta = fiancee._load_backbone(config, workdir)  # noqa: SLF001
   step = g_meta.get('step')
-  data_dir = fiancee._data_dir(config, workdir)  # noqa: SLF001
+  data_dir = cfg.data_dir(config, workdir)
   fdata.prepare(config.data, data_dir)
   index = None if config.data.name == 'synthetic_heads' else dataset_frames(config, data_dir)
   ids = (all_identities(config, data_dir, index) if identities is None
@@ -399,7 +399,7 @@ def load_pipeline(config, workdir: str, stages: Sequence[str] = fiancee.STAGES,
   bank, slots = None, None
   if 'bank' in stages and use_bank:
     if identities is None:
-      identities = all_identities(config, fiancee._data_dir(config, workdir))  # noqa: SLF001
+      identities = all_identities(config, cfg.data_dir(config, workdir))
     fb = load_banks(config, workdir, identities, g_meta.get('step'), verify_bank)
     bank, slots = fb.bank, jnp.asarray(fb.slots)
   if 'branches' in stages:
@@ -414,3 +414,92 @@ def load_pipeline(config, workdir: str, stages: Sequence[str] = fiancee.STAGES,
             'bank_slots': slots}
   return fiancee.Pipeline(config, gen, br, predictor, bank, params,
                           route_costs(config, use_bank), tuple(sorted(config.branches.exits)))
+
+
+# ------------------------------------------------------------------------------ inference
+
+def front_end(pipeline: fiancee.Pipeline, params: dict, source: jax.Array, driver: jax.Array,
+              identity: jax.Array, backend: str | None = None) -> dict[str, Any]:
+  """What every route shares (the routed prefix, Sec. 3.2): encoders + fusion -> G2D input
+  'x', the driver's motion key 'motion' (predictor input) and the retrieved bank 'frame'
+  (None when the branches are unguided)."""
+  x, front = pipeline.generator.apply(params['generator'], source, driver, False,
+                                      method='encode')
+  return {'x': x, 'motion': front['motion'],
+          'frame': frame_of(pipeline, params, front['motion'], identity, backend)}
+
+
+def route_from_front(pipeline: fiancee.Pipeline, params: dict, route: int,
+                     front: dict[str, Any]) -> jax.Array:
+  """Image of route `route` (index into pipeline.exits, len(exits) = the backbone) from
+  `front_end`'s output: G2D input conv + blocks 1..k + branch k, or all blocks + head."""
+  exits = pipeline.exits
+  stop = exits[route] if route < len(exits) else None
+
+  def g2d(mdl, x):
+    x = mdl.input_conv(x)
+    if stop is None:
+      return mdl.head(mdl.run_blocks(x, 0, num_blocks(mdl), False))
+    return mdl.run_blocks(x, 0, stop, False)
+  x = pipeline.generator.apply(params['generator'], front['x'], method=g2d)
+  if stop is None:
+    return x
+  return pipeline.branches.apply(params['branches'], stop, x, front['frame'], False,
+                                 method='exit')
+
+
+def route_fns(pipeline: fiancee.Pipeline, backend: str | None = None
+              ) -> list[Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]]:
+  """One jittable `fn(params, source, driver, identity) -> image` per exit (in order), then
+  the backbone's; each computes only its own route (front end included)."""
+  def fn(route, params, source, driver, identity):
+    front = front_end(pipeline, params, source, driver, identity, backend)
+    return route_from_front(pipeline, params, route, front)
+  return [functools.partial(fn, r) for r in range(len(pipeline.exits) + 1)]
+
+
+def predict_lpips(pipeline: fiancee.Pipeline, params: dict, driver: jax.Array) -> jax.Array:
+  """Predicted LPIPS (B, E) of every exit from the driver alone (motion encoder + predictor)."""
+  motion = motion_keys(pipeline.generator, params['generator'], driver)
+  return pipeline.predictor.apply(params['predictor'], motion)
+
+
+def routed_one(pipeline: fiancee.Pipeline, params: dict, source: jax.Array, driver: jax.Array,
+               identity: jax.Array, threshold: jax.Array, costs: jax.Array,
+               offset: jax.Array = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """One (source, driver) pair end to end in one jittable call (`routing.routed_apply`): front
+  end once -> predictor on the motion key -> `lax.switch` runs only the chosen route."""
+  from fiancee_jax import routing  # noqa: PLC0415
+  exit_fns = tuple(functools.partial(lambda r, p, f: route_from_front(pipeline, p, r, f), r)
+                   for r in range(len(pipeline.exits) + 1))
+  return routing.routed_apply(
+      lambda p, x: front_end(pipeline, p, *x),
+      lambda p, f: pipeline.predictor.apply(p['predictor'], f['motion'])[0],
+      exit_fns, params, (source, driver, identity), threshold, costs, offset)
+
+
+def rotation_angle(angles_deg: np.ndarray, reference_deg: np.ndarray | None = None
+                   ) -> np.ndarray:
+  """Geodesic angle in degrees (N,) of the head rotation (yaw, pitch, roll) (N, 3) from
+  frontal, or from `reference_deg` (N, 3) when given (Fig. 10: the driver's rotation, and
+  its angle to the guiding bank frame)."""
+  from fiancee_jax.data import heads as heads_data  # noqa: PLC0415
+  a = np.asarray(angles_deg, np.float64).reshape(-1, 3)
+  b = np.zeros_like(a) if reference_deg is None else np.asarray(reference_deg,
+                                                                 np.float64).reshape(-1, 3)
+  out = []
+  for x, y in zip(a, b):
+    rel = heads_data.rotation(y).T @ heads_data.rotation(x)
+    out.append(np.degrees(np.arccos(np.clip((np.trace(rel) - 1) / 2, -1.0, 1.0))))
+  return np.asarray(out, np.float64)
+
+
+def nearest_bank_keys(pipeline: fiancee.Pipeline, motion: np.ndarray,
+                      identity: np.ndarray) -> np.ndarray:
+  """The bank key (N, D) retrieval picks for each driver key `motion` (N, D) among its source
+  identity's frames (the guiding frame's key)."""
+  params = pipeline.params
+  cls = np.asarray(params['bank_slots'])[np.asarray(identity, np.int64)]
+  idx = bank_lib.nearest(params['bank'], jnp.asarray(motion, jnp.float32), jnp.asarray(cls),
+                         backend='device')
+  return np.asarray(params['bank'].keys)[np.asarray(idx)]

@@ -93,7 +93,15 @@ def test_train_samples_checkpoints_and_exact_resume(tmp_path, data_dir):
 
 def test_four_devices_equal_one(data_dir):
   c = _config(data_dir)
-  models, dp4 = heads.compiled(c)          # all 4 devices (shared with the run above)
+  # Without the VGG term: its L1 on VGG19 features of masked frames (the identical zeroed
+  # backgrounds of fake and target give features ~1e3 that differ in their last bits) has
+  # gradient sign(rounding noise) wherever the true difference is below float32 resolution,
+  # and 1 vs 4 devices round differently (measured: with all-foreground masks the VGG
+  # gradients agree to 1e-5 of their largest entry). VGG is a plain mean over equal
+  # per-device shards; what this test checks is the data-parallel wiring: sync BN, the masked
+  # L1's global normaliser, pmean of gradients.
+  c.train.loss_weights.vgg = 0.0
+  models, dp4 = heads.compiled(c)          # all 4 devices
   assert dp4.num_devices == 4
   dp1 = parallel.wrap(heads.make_step(models), 'shard_map', devices=jax.devices()[:1])
   state0 = StepState(train=heads.create_train_state(c, models),

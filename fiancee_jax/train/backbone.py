@@ -18,13 +18,10 @@ TensorBoard, samples, checkpoints, clean stop on SIGTERM / Ctrl-C.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
-import signal
-import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -40,13 +37,12 @@ from fiancee_jax import losses
 from fiancee_jax.metrics import vgg_loss as vgg_lib
 from fiancee_jax.models import discriminators, oasis
 from fiancee_jax.models.layers import MUTABLE, torch_default_scale_sn_kernels
-from fiancee_jax.train import bn_refresh, checkpoint, parallel
+from fiancee_jax.train import bn_refresh, checkpoint, loop, parallel
 from fiancee_jax.train import logging as tlog
 from fiancee_jax.train.state import GANState, StepState, adam, ema_update, split_variables
 
 STAGE = 'backbone'
 PyTree = Any
-Hook = Callable[[int, GANState, dict], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,34 +292,8 @@ def refresh_ema_stats(models: Models, state: GANState, batches: Iterator[dict], 
 # The stage.
 
 
-def _data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.data_dir or os.path.join(os.path.abspath(workdir), '..', 'data')
-
-
-class _StopFlag:
-  """Set by SIGTERM / SIGINT: the loop finishes the current step, saves and returns."""
-
-  def __init__(self):
-    self.signum = None
-
-  def __call__(self, signum, frame):  # noqa: ARG002
-    self.signum = signum
-
-  @contextlib.contextmanager
-  def installed(self):
-    if threading.current_thread() is not threading.main_thread():
-      yield self
-      return
-    old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-      yield self
-    finally:
-      for s, h in old.items():
-        signal.signal(s, h)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       hooks: Sequence[Hook] = ()) -> GANState:
+                       hooks: Sequence[loop.Hook] = ()) -> GANState:
   """Train (or resume) the OASIS backbone in `workdir`; returns the final host state.
 
   Writes `workdir/checkpoints/backbone/<step>` (state + EMA generator with refreshed BN
@@ -344,7 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer,
-           hooks: Sequence[Hook]) -> GANState:
+           hooks: Sequence[loop.Hook]) -> GANState:
   from fiancee_jax import data as fdata  # noqa: PLC0415 (heavy: tfds)
   from fiancee_jax.data.loader import Loader  # noqa: PLC0415
 
@@ -354,7 +324,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
   pcount, pindex = jax.process_count(), jax.process_index()
   is_chief = pindex == 0
 
-  data_dir = _data_dir(config, workdir)
+  data_dir = cfg.data_dir(config, workdir)
   fdata.prepare(config.data, data_dir)
   train_src = fdata.source(config.data, 'train', data_dir)
 
@@ -379,60 +349,32 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
 
   writer = tlog.MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=is_chief)
   start = int(host_state.step)
-  progress = tlog.Progress(t.num_steps, start, t.log_every, name=STAGE)
-  state = dp.put_state(step_state(models, host_state))
-  stop = _StopFlag()
-  last_saved = start if ckpt.latest_step() == start else None
 
-  def ema_refreshed(host):
-    return refresh_ema_stats(models, host, refresh_iter(), t.bn_refresh_batches, config.seed + 3)
+  def step_fn(state):
+    batch = next(train_loader)
+    return dp(state, dp.put_batch({'image': batch['image'], 'label': batch['label']}))
 
-  def save(step, host, refreshed):
-    ckpt.save(step, {'train': host, 'ema_bn': refreshed},
-              {'data': train_loader.state(), 'num_steps': int(t.num_steps)})
-
-  def sample(step, host, refreshed):
-    img = _sampler(models)(host.ema_params_g, refreshed, np.asarray(sample_batch['label'],
-                                                                     np.int32), sample_z_)
-    real = np.asarray(sample_batch['image'], np.float32) / 127.5 - 1.0
-    grid = tlog.sample_grid(np.asarray(sample_batch['label']), real, np.asarray(img))
-    writer.image(step, 'samples/label_real_ema', grid)
-    tlog.write_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
+  def snapshot(step, state, write_samples, write_ckpt):
+    host = dp.get_state(state.train)
+    refreshed = refresh_ema_stats(models, host, refresh_iter(), t.bn_refresh_batches,
+                                  config.seed + 3)
+    if write_samples and is_chief:
+      img = _sampler(models)(host.ema_params_g, refreshed,
+                             np.asarray(sample_batch['label'], np.int32), sample_z_)
+      real = np.asarray(sample_batch['image'], np.float32) / 127.5 - 1.0
+      grid = tlog.sample_grid(np.asarray(sample_batch['label']), real, np.asarray(img))
+      writer.image(step, 'samples/label_real_ema', grid)
+      tlog.write_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
+    if write_ckpt:
+      ckpt.save(step, {'train': host, 'ema_bn': refreshed},
+                {'data': train_loader.state(), 'num_steps': int(t.num_steps)})
 
   try:
-    with stop.installed():
-      step = start
-      while step < t.num_steps and stop.signum is None:
-        batch = next(train_loader)
-        batch = dp.put_batch({'image': batch['image'], 'label': batch['label']})
-        state, metrics = dp(state, batch)
-        step += 1
-        for hook in hooks:
-          hook(step, state, metrics)
-        if step % t.log_every == 0 or step == t.num_steps:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          if not all(np.isfinite(v) for v in m.values()):
-            raise FloatingPointError(f'[{STAGE}] non-finite losses at step {step}: {m}; lower '
-                                     'train.lr_g / train.lr_d or check the data')
-          progress.update(step, m)
-          writer.scalars(step, {f'train/{k}': v for k, v in m.items()})
-          writer.scalars(step, {'train/steps_per_sec': progress.steps_per_sec})
-        do_sample = step % t.sample_every == 0 or step == t.num_steps
-        do_ckpt = step % t.ckpt_every == 0 or step == t.num_steps or stop.signum is not None
-        if do_sample or do_ckpt:
-          host_state = dp.get_state(state.train)
-          refreshed = ema_refreshed(host_state)
-          if do_sample and is_chief:
-            sample(step, host_state, refreshed)
-          if do_ckpt:
-            save(step, host_state, refreshed)
-            last_saved = step
-      if stop.signum is not None:
-        print(f'[{STAGE}] stopped by signal {stop.signum} after step {step}; checkpoint saved '
-              f'in {ckpt.directory}; rerun the same command to resume', flush=True)
-    host_state = dp.get_state(state.train)
-    if last_saved != int(host_state.step):
-      save(int(host_state.step), host_state, ema_refreshed(host_state))
+    state, _ = loop.run(
+        dp.put_state(step_state(models, host_state)), start, loop.Cadence.of(t), name=STAGE,
+        step_fn=step_fn, snapshot=snapshot, writer=writer,
+        saved_step=start if ckpt.latest_step() == start else None, hooks=hooks,
+        hint='lower train.lr_g / train.lr_d or check the data')
+    return dp.get_state(state.train)
   finally:
     writer.close()
-  return host_state

@@ -40,9 +40,8 @@ from fiancee_jax import fiancee, losses
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.metrics import vgg_loss as vgg_lib
 from fiancee_jax.models import discriminators, oasis
-from fiancee_jax.models.layers import MUTABLE
 from fiancee_jax.train import backbone as bb
-from fiancee_jax.train import checkpoint, parallel
+from fiancee_jax.train import checkpoint, loop, parallel
 from fiancee_jax.train import logging as tlog
 from fiancee_jax.train.state import adam, split_variables
 
@@ -279,7 +278,7 @@ def load_frozen(config, workdir: str, use_bank: bool) -> tuple[Frozen, dict, str
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       hooks: Sequence[Callable[[int, Any, dict], None]] = ()) -> BranchTrain:
+                       hooks: Sequence[loop.Hook] = ()) -> BranchTrain:
   """Train (or resume) every exit branch in `workdir` (train.py --stage=branches).
 
   Needs the backbone checkpoint and, when config.branches.use_bank, the bank
@@ -302,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pcount, pindex = jax.process_count(), jax.process_index()
   is_chief = pindex == 0
 
-  data_dir = fiancee._data_dir(config, workdir)  # noqa: SLF001
+  data_dir = cfg.data_dir(config, workdir)
   data_loader.prepare(config.data, data_dir)
   train_src = data_loader.source(config.data, 'train', data_dir)
 
@@ -328,60 +327,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   writer = tlog.MetricWriter(os.path.join(workdir, 'tensorboard', stage), enabled=is_chief)
   start = int(host.step)
-  progress = tlog.Progress(b.num_steps, start, b.log_every, name=stage)
-  state = dp.put_state(BranchState(train=host, frozen=frozen))
-  stop = bb._StopFlag()  # noqa: SLF001 (the backbone stage's SIGTERM/Ctrl-C handling)
-  last_saved = start if ckpt.latest_step() == start else None
   meta_extra = {'backbone_step': g_meta.get('step'), 'use_bank': bool(b.use_bank),
                 'num_steps': int(b.num_steps)}
 
-  def save(step, host_train):
-    ckpt.save(step, _saved(host_train), {'data': train_loader.state(), **meta_extra})
+  def step_fn(state):
+    return dp(state, dp.put_batch(next(train_iter)))
 
-  def sample(step, host_train, frozen_now):
-    grid = sample_grid_from(config, models, frozen_now, host_train,
-                            np.asarray(sample_batch['label'], np.int32), sample_z)
-    writer.image(step, f'{stage}/label_backbone_exits', grid)
-    tlog.write_png(os.path.join(workdir, 'samples', f'{stage}_{step:07d}.png'), grid)
+  def snapshot(step, state, write_samples, write_ckpt):
+    host = dp.get_state(state.train)
+    if write_samples and is_chief:  # the frozen arrays live in the (donated) device state
+      frozen_now = (state.frozen if dp.mode == 'shard_map'
+                    else jax.tree.map(lambda x: x[0], state.frozen))
+      grid = sample_grid_from(config, models, frozen_now, host,
+                              np.asarray(sample_batch['label'], np.int32), sample_z)
+      writer.image(step, f'{stage}/label_backbone_exits', grid)
+      tlog.write_png(os.path.join(workdir, 'samples', f'{stage}_{step:07d}.png'), grid)
+    if write_ckpt:
+      ckpt.save(step, _saved(host), {'data': train_loader.state(), **meta_extra})
 
   try:
-    with stop.installed():
-      step = start
-      while step < b.num_steps and stop.signum is None:
-        state, metrics = dp(state, dp.put_batch(next(train_iter)))
-        step += 1
-        for hook in hooks:
-          hook(step, state, metrics)
-        if step % b.log_every == 0 or step == b.num_steps:
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          if not all(np.isfinite(v) for v in m.values()):
-            raise FloatingPointError(f'[{stage}] non-finite losses at step {step}: {m}; lower '
-                                     'branches.lr or check the data')
-          short = {k: v for k, v in m.items() if k == 'b_total' or k.endswith('/lpips')}
-          progress.update(step, short)
-          writer.scalars(step, {f'{stage}/{k}': v for k, v in m.items()})
-          writer.scalars(step, {f'{stage}/steps_per_sec': progress.steps_per_sec})
-        do_sample = step % b.sample_every == 0 or step == b.num_steps
-        do_ckpt = step % b.ckpt_every == 0 or step == b.num_steps or stop.signum is not None
-        if do_sample or do_ckpt:
-          host = dp.get_state(state.train)
-          if do_sample and is_chief:  # the frozen arrays live in the (donated) device state
-            frozen_now = (state.frozen if dp.mode == 'shard_map'
-                          else jax.tree.map(lambda x: x[0], state.frozen))
-            sample(step, host, frozen_now)
-          if do_ckpt:
-            save(step, host)
-            last_saved = step
-      if stop.signum is not None:
-        print(f'[{stage}] stopped by signal {stop.signum} after step {step}; checkpoint saved '
-              f'in {ckpt.directory}; rerun the same command to resume', flush=True)
-    host = dp.get_state(state.train)
-    if last_saved != int(host.step):
-      save(int(host.step), host)
+    state, _ = loop.run(
+        dp.put_state(BranchState(train=host, frozen=frozen)), start, loop.Cadence.of(b),
+        name=stage, step_fn=step_fn, snapshot=snapshot, writer=writer,
+        saved_step=start if ckpt.latest_step() == start else None, hooks=hooks, tag=stage,
+        console=lambda m: {k: v for k, v in m.items() if k == 'b_total' or k.endswith('/lpips')},
+        hint='lower branches.lr or check the data')
+    return dp.get_state(state.train)
   finally:
     ckpt.close()
     writer.close()
-  return host
 
 
 def _disc_template(config, e: int) -> tuple[PyTree, PyTree]:
@@ -442,7 +416,7 @@ def evaluate_exits(config, workdir: str, split: str = 'test', use_bank: bool | N
   c = _eval_config(config, use_bank)
   pipeline = fiancee.load_pipeline(c, workdir, stages=('backbone', 'bank', 'branches'))
   params = pipeline.params
-  src = data.source(c.data, split, fiancee._data_dir(c, workdir))  # noqa: SLF001
+  src = data.source(c.data, split, cfg.data_dir(c, workdir))
   n = len(src) if num is None else min(int(num), len(src))
   if n < 2:
     raise ValueError(f'evaluate_exits: split {split!r} has {n} images; need >= 2')
@@ -483,7 +457,7 @@ def sample_grid(config, workdir: str, path: str, *, split: str = 'test',
   from fiancee_jax import data  # noqa: PLC0415
   c = _eval_config(config, use_bank)
   pipeline = fiancee.load_pipeline(c, workdir, stages=('backbone', 'bank', 'branches'))
-  src = data.source(c.data, split, fiancee._data_dir(c, workdir))  # noqa: SLF001
+  src = data.source(c.data, split, cfg.data_dir(c, workdir))
   n = min(num, len(src))
   labels = np.stack([np.asarray(src[i]['label'], np.int32) for i in range(n)])
   imgs = np.asarray(_images_fn(pipeline)(pipeline.params, labels, eval_noises(c, n)))

@@ -233,7 +233,7 @@ def load_frozen(config, workdir: str, models: Models) -> tuple[Frozen, dict]:
   g_params, g_coll, g_meta = fiancee._load_backbone(config, workdir)  # noqa: SLF001
   bank = slots = None
   if models.use_bank:
-    data_dir = fiancee._data_dir(config, workdir)  # noqa: SLF001
+    data_dir = cfg.data_dir(config, workdir)
     ids = fiancee_heads.split_identities(config, data_dir, 'train')
     fb = fiancee_heads.load_banks(config, workdir, ids, g_meta.get('step'))
     bank, slots = fb.bank, jnp.asarray(fb.slots)
@@ -318,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pcount, pindex = jax.process_count(), jax.process_index()
   is_chief = pindex == 0
 
-  data_dir = fiancee._data_dir(config, workdir)  # noqa: SLF001
+  data_dir = cfg.data_dir(config, workdir)
   fdata.prepare(config.data, data_dir)
   train_src = fdata.source(config.data, 'train', data_dir)
 

@@ -11,7 +11,7 @@ A checkpoint written for another config is refused with one clear error.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import ml_collections

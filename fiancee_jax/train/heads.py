@@ -300,7 +300,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer,
            hooks: Sequence[loop.Hook]) -> GANState:
   from fiancee_jax import data as fdata  # noqa: PLC0415 (heavy: tfds)
-  from fiancee_jax import fiancee  # noqa: PLC0415
 
   t = config.train
   models, dp = compiled(config)
@@ -308,7 +307,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
   pcount, pindex = jax.process_count(), jax.process_index()
   is_chief = pindex == 0
 
-  data_dir = fiancee._data_dir(config, workdir)  # noqa: SLF001 (the stages' one data dir)
+  data_dir = cfg.data_dir(config, workdir)
   fdata.prepare(config.data, data_dir)
   train_src = fdata.source(config.data, 'train', data_dir)
 

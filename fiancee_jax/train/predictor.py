@@ -65,11 +65,6 @@ def stage_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), STAGE)
 
 
-def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Prepared datasets: config.data.data_dir, default `<workdir>/../data` (every stage)."""
-  return config.data.data_dir or os.path.join(os.path.abspath(workdir), '..', 'data')
-
-
 def fixed_noises(config: ml_collections.ConfigDict, workdir: str, num: int) -> np.ndarray:
   """The K fixed noises (K, z_dim): the bank's (`<workdir>/bank/noises.npy`, saved by
   build_bank.py) when it holds at least K, else drawn from config.seed (deterministic)."""
@@ -115,7 +110,7 @@ def load_labels(config: ml_collections.ConfigDict, workdir: str, data_split: str
   """Label maps (len(unique), H, W) int32 of `indices` of a data split (a clear error when
   the split has fewer maps than the predictor config asks for)."""
   from fiancee_jax import data  # noqa: PLC0415 (heavy: tfds)
-  src = data.source(config.data, data_split, data_dir(config, workdir))
+  src = data.source(config.data, data_split, cfg.data_dir(config, workdir))
   need = int(indices.max()) + 1 if len(indices) else 0
   if need > len(src):
     raise ValueError(f'config.predictor asks for {need} maps of the {data_split!r} split, which '
@@ -274,7 +269,7 @@ def heads_split_rows(config: ml_collections.ConfigDict, workdir: str, split: str
     data_split, num, pick = 'test', p.num_test, None
   else:
     raise ValueError(f'predictor split {split!r}: expected one of {SPLITS}')
-  src = fdata.source(config.data, data_split, data_dir(config, workdir))
+  src = fdata.source(config.data, data_split, cfg.data_dir(config, workdir))
   n = len(src)
   if num > n:
     raise ValueError(f'config.predictor asks for {num} source frames of the {data_split!r} '
@@ -316,7 +311,7 @@ def heads_dataset(config: ml_collections.ConfigDict, workdir: str, split: str,
     pipeline = fiancee.load_pipeline(config, workdir, stages=('backbone', 'bank', 'branches'))
   if lp_params is None:
     lp_params = lpips_lib.load_params()
-  src = fdata.source(config.data, data_split, data_dir(config, workdir))
+  src = fdata.source(config.data, data_split, cfg.data_dir(config, workdir))
   uniq, inv = np.unique(np.concatenate([sources, drivers]), return_inverse=True)
   frames = [src[int(i)] for i in uniq]
   images = np.stack([np.asarray(f['image'], np.uint8) for f in frames])
