@@ -19,6 +19,7 @@ latency; the image goes to --out (default <workdir>/infer/<name>_t<threshold>.pn
 --sweep writes <workdir>/report/ (report.md, summary.json, figures).
 """
 import json
+import os
 import sys
 
 from absl import app, flags

@@ -1,19 +1,24 @@
-"""Inference with early exits: one input (`infer_one`) and the threshold sweep (`sweep`).
+"""Inference with early exits: one input (`infer_file`) and the threshold sweep (`sweep`).
 
-One input (Sec. 3.2): label map + noise -> backbone prefix -> predictor -> the cheapest exit
-whose predicted LPIPS (+ the conformal offset, when asked) is <= the threshold -> that route,
-all in one jitted function (`routing.routed_apply`, `lax.switch` runs only the chosen route).
+One input (Sec. 3.2): backbone prefix -> predictor -> the cheapest exit whose predicted LPIPS
+(+ the conformal offset, when asked) is <= the threshold -> that route, all in one jitted
+function (`routing.routed_apply`, `lax.switch` runs only the chosen route). OASIS: label map +
+noise; head avatars (Sec. 4.2): a (source, driver) pair and the source identity, whose frame
+bank guides the branches (the predictor reads the driver's motion key).
 
-Sweep (Sec. 4.1, Figs. 3, 4, 8, 9): over the predictor's test split and a range of
-thresholds: exit distribution, mean GMACs, realised LPIPS and violation rate (paper rule and
-conformal offset calibrated on the calibration split), the GFLOPs/LPIPS gain (Sec. 3.4), and
-wall-clock latency of every route and of routed batched inference vs the backbone, measured in
-the same run. `report.write` turns the result into `<workdir>/report/`.
+Sweep (Sec. 4.1 / 4.2, OASIS Figs. 3, 4, 8, 9; head avatars Figs. 5, 6, 7, 10): over the
+predictor's test split and a range of thresholds: exit distribution, mean GMACs, realised
+LPIPS and violation rate (paper rule and conformal offset calibrated on the calibration
+split), the GFLOPs/LPIPS gain (Sec. 3.4), and wall-clock latency of every route and of routed
+batched inference vs the backbone, measured in the same run. `report.write` turns the result
+into `<workdir>/report/`.
 
-The route functions of `fiancee.route_fns` take (params, seg, z) and recompute the backbone
-prefix (first conv + ResBlock 1, the predictor's input); routed inference therefore runs the
-prefix once for the predictor and once more inside each route. The measured cost of that is
-reported (`overhead.prefix_ms`).
+One skeleton serves both backbones: `_jitted` builds the same set of jitted functions,
+`fn(params, *inputs)` with inputs = (labels, z) for OASIS or (source, driver, identity) for
+head avatars (`fiancee_heads.route_fns` / `routed_one`), and `_sweep_inputs` reads the test
+rows' inputs. Route functions recompute the prefix that the predictor already ran (OASIS:
+first conv + ResBlock 1; heads: the encoders); its measured cost is reported
+(`overhead.prefix_ms`).
 """
 from __future__ import annotations
 
@@ -58,28 +63,40 @@ def check_threshold(threshold: Any) -> float:
   return t
 
 
+def _open_image(path: str, flag: str, what: str, mode: str | None = None
+                ) -> tuple[np.ndarray, str]:
+  """(pixels, file mode) of an image file (converted to `mode` when given); one InferError
+  naming --flag when it is missing or unreadable."""
+  from PIL import Image  # noqa: PLC0415
+  if not os.path.isfile(path):
+    raise InferError(f'--{flag}={path!r}: no such file (expected {what})')
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im if mode is None else im.convert(mode)), im.mode
+  except Exception as e:  # noqa: BLE001 - unreadable image: one message
+    raise InferError(f'--{flag}={path!r}: cannot read it as an image ({e})') from None
+
+
+def _check_size(arr: np.ndarray, flag: str, path: str, config: ml_collections.ConfigDict,
+                what: str = '') -> None:
+  d = config.data
+  if arr.shape[:2] != (d.height, d.width):
+    raise InferError(f'--{flag}={path!r}: size {arr.shape[0]}x{arr.shape[1]} (HxW); the model '
+                     f'expects {d.height}x{d.width}{what}')
+
+
 def read_label(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
   """A label-id PNG (single channel, values = class ids) -> (H, W) int32, checked against
   the config's resolution and number of classes."""
-  from PIL import Image  # noqa: PLC0415
   d = config.data
-  if not os.path.isfile(path):
-    raise InferError(f'--label={path!r}: no such file (expected a label-id PNG)')
-  try:
-    with Image.open(path) as im:
-      mode = im.mode
-      arr = np.asarray(im)
-  except Exception as e:  # noqa: BLE001 - unreadable image: one message
-    raise InferError(f'--label={path!r}: cannot read it as an image ({e})') from None
+  arr, mode = _open_image(path, 'label', 'a label-id PNG')
   if arr.ndim == 3:
     if arr.shape[2] in (3, 4) and np.all(arr[..., :3] == arr[..., :1]):
       arr = arr[..., 0]
     else:
       raise InferError(f'--label={path!r}: a {mode} colour image; expected a single-channel PNG '
                        f'of class ids in [0, {d.num_classes}) (e.g. Cityscapes *_labelIds.png)')
-  if arr.shape != (d.height, d.width):
-    raise InferError(f'--label={path!r}: size {arr.shape[0]}x{arr.shape[1]} (HxW); the model '
-                     f'expects {d.height}x{d.width}')
+  _check_size(arr, 'label', path, config)
   bad = np.unique(arr[(arr < 0) | (arr >= d.num_classes)])
   if bad.size:
     raise InferError(f'--label={path!r}: unknown class ids {bad[:10].tolist()}; expected ids in '
@@ -103,15 +120,108 @@ def noise(config: ml_collections.ConfigDict, seed: int) -> np.ndarray:
                     np.float32)
 
 
+def is_heads(config: ml_collections.ConfigDict) -> bool:
+  """True for a head-avatar (MegaPortraits) config, False for OASIS."""
+  return config.backbone == 'megaportraits'
+
+
 def load(config: ml_collections.ConfigDict, workdir: str,
-         stages: Sequence[str] = ('backbone', 'bank', 'branches', 'predictor')) -> Any:
-  """The trained pipeline; a missing stage ends in one error naming the command to run."""
+         stages: Sequence[str] = ('backbone', 'bank', 'branches', 'predictor'),
+         identities: Sequence[int] | None = None) -> Any:
+  """The trained pipeline; a missing stage ends in one error naming the command to run.
+  Head avatars: the frame banks of `identities` only (default every identity of the data)."""
   from fiancee_jax import fiancee  # noqa: PLC0415
   if not os.path.isdir(workdir):
     raise InferError(f'--workdir={workdir!r} does not exist: run the stages first '
                      '(train.py --stage=backbone, build_bank.py, train.py --stage=branches, '
                      'train.py --stage=predictor)')
+  if identities is not None and is_heads(config):
+    from fiancee_jax import fiancee_heads  # noqa: PLC0415
+    return fiancee_heads.load_pipeline(config, workdir, stages=tuple(stages),
+                                       identities=identities)
   return fiancee.load_pipeline(config, workdir, stages=tuple(stages))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs (head avatars): a (source, driver) pair and the source identity.
+
+
+def read_image(path: str, config: ml_collections.ConfigDict, flag: str) -> np.ndarray:
+  """An RGB PNG/JPEG of the config's resolution -> (H, W, 3) uint8 (alpha dropped, grey
+  expanded); one InferError naming `flag` for a missing, unreadable or wrongly sized file."""
+  arr, _ = _open_image(path, flag, 'an RGB image', mode='RGB')
+  _check_size(arr, flag, path, config, ' RGB')
+  return arr.astype(np.uint8)
+
+
+def split_frames(config: ml_collections.ConfigDict, workdir: str, split: str,
+                 indices: Sequence[int], flag: str = 'index'
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """(images (N, H, W, 3) uint8, identities (N,) int32, ground-truth poses (N, 3) degrees or
+  None when the data has none) of examples `indices` of a prepared head-avatar split."""
+  from fiancee_jax import data  # noqa: PLC0415
+  src = data.source(config.data, split, tp.data_dir(config, workdir))
+  bad = [int(i) for i in indices if not 0 <= int(i) < len(src)]
+  if bad:
+    raise InferError(f'--{flag}={bad[0]}: the {split!r} split has {len(src)} examples')
+  uniq, inv = np.unique(np.asarray(indices, np.int64), return_inverse=True)
+  ex = [src[int(i)] for i in uniq]
+  images = np.stack([np.asarray(e['image'], np.uint8) for e in ex])[inv]
+  ids = np.array([int(e['identity']) for e in ex], np.int32)[inv]
+  pose = (np.stack([np.asarray(e['pose'], np.float32) for e in ex])[inv]
+          if all('pose' in e for e in ex) else None)
+  return images, ids, pose
+
+
+def to_pm1(images: np.ndarray) -> np.ndarray:
+  """uint8 images -> float32 in [-1, 1] (the models' range)."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def pair_inputs(config: ml_collections.ConfigDict, workdir: str, *, source: str | None,
+                driver: str | None, source_index: int | None, driver_index: int | None,
+                identity: int | None, split: str = 'test'
+                ) -> tuple[np.ndarray, np.ndarray, int, str]:
+  """(source, driver (H, W, 3) uint8, source identity, name) of one head-avatar input.
+
+  Each image is a file (--source / --driver) or an example of the --split data split
+  (--source_index / --driver_index). The source identity picks the frame bank: a dataset
+  source brings its own; a source file needs --identity (whose bank `build_bank.py` built).
+  """
+  if (source is None) == (source_index is None):
+    raise InferError('give exactly one of --source (an RGB image) or --source_index (a data '
+                     'split index)')
+  if (driver is None) == (driver_index is None):
+    raise InferError('give exactly one of --driver (an RGB image) or --driver_index (a data '
+                     'split index)')
+  if source is not None:
+    if identity is None:
+      raise InferError(f'--source={source!r} needs --identity=N: the source identity whose '
+                       'frame bank guides the branches (or use --source_index)')
+    src_img, ident = read_image(source, config, 'source'), int(identity)
+    s_name = os.path.splitext(os.path.basename(source))[0]
+  else:
+    imgs, ids, _ = split_frames(config, workdir, split, [source_index], 'source_index')
+    src_img, ident, s_name = imgs[0], int(ids[0]), f'{split}{int(source_index)}'
+    if identity is not None and int(identity) != ident:
+      raise InferError(f'--identity={identity} but --source_index={source_index} is a frame of '
+                       f'identity {ident}: drop --identity')
+  if driver is not None:
+    drv_img = read_image(driver, config, 'driver')
+    d_name = os.path.splitext(os.path.basename(driver))[0]
+  else:
+    drv_img = split_frames(config, workdir, split, [driver_index], 'driver_index')[0][0]
+    d_name = f'{split}{int(driver_index)}'
+  return src_img, drv_img, ident, f'{s_name}_by_{d_name}'
+
+
+def check_identity(config: ml_collections.ConfigDict, workdir: str, identity: int) -> None:
+  """An identity of the data (every one has a frame bank), else InferError listing them."""
+  from fiancee_jax import fiancee_heads  # noqa: PLC0415
+  ids = fiancee_heads.all_identities(config, tp.data_dir(config, workdir))
+  if int(identity) not in ids:
+    raise InferError(f'--identity={identity}: expected an identity of the {config.data.name} '
+                     f'data with a frame bank, one of {ids}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,14 +233,8 @@ def _predictor_of(pipeline: Any) -> Callable:
   return lambda params, feats: pipeline.predictor.apply(params['predictor'], feats['block1'])
 
 
-_JIT_CACHE: dict[int, tuple[Any, dict]] = {}
-
-
-def _jitted(pipeline: Any) -> dict[str, Callable]:
-  """Jitted functions of a pipeline, built once per pipeline object (kept by id)."""
-  hit = _JIT_CACHE.get(id(pipeline))
-  if hit is not None and hit[0] is pipeline:
-    return hit[1]
+def _oasis_fns(pipeline: Any) -> dict[str, Any]:
+  """OASIS: inputs (labels (B, H, W) ids, z (B, z_dim))."""
   from fiancee_jax import fiancee  # noqa: PLC0415
   n_cls = pipeline.config.data.num_classes
   routes = fiancee.route_fns(pipeline)
@@ -159,15 +263,54 @@ def _jitted(pipeline: Any) -> dict[str, Callable]:
     return routing.routed_apply(pre, lambda p, f: predict(p, f[1])[0], exit_fns, params,
                                 (labels, z), threshold, costs, offset)
 
-  def all_fn(params, labels, z):  # a list in route order (int and str dict keys do not sort)
-    imgs = fiancee.all_images(pipeline, params, onehot(labels), z)
-    return [imgs[k] for k in pipeline.exits] + [imgs['backbone']]
+  def all_fn(params, labels, z):
+    return fiancee.all_images(pipeline, params, onehot(labels), z)
 
-  fns = {
-      'predict': jax.jit(predict_fn), 'prefix': jax.jit(prefix_fn), 'guide': jax.jit(guide_fn),
-      'routed_one': jax.jit(routed_one), 'all': jax.jit(all_fn),
-      'routes': [jax.jit(lambda params, labels, z, r=r: r(params, onehot(labels), z))
-                 for r in routes]}
+  return {'predict': predict_fn, 'prefix': prefix_fn, 'guide': guide_fn,
+          'routed_one': routed_one, 'all_images': all_fn,
+          'routes': [lambda params, labels, z, r=r: r(params, onehot(labels), z)
+                     for r in routes]}
+
+
+def _heads_fns(pipeline: Any) -> dict[str, Any]:
+  """Head avatars: inputs (source, driver (B, H, W, 3) in [-1, 1], source identity (B,))."""
+  from fiancee_jax import fiancee_heads as fh  # noqa: PLC0415
+
+  def encode(params, source, driver, identity):
+    return pipeline.generator.apply(params['generator'], source, driver, False,
+                                    method='encode')[0]
+
+  return {'predict': lambda params, source, driver, identity: fh.predict_lpips(
+              pipeline, params, driver),
+          'prefix': encode,
+          'guide': functools.partial(fh.front_end, pipeline),
+          'routed_one': functools.partial(fh.routed_one, pipeline),
+          'all_images': functools.partial(fh.all_images, pipeline),
+          'routes': fh.route_fns(pipeline)}
+
+
+_JIT_CACHE: dict[int, tuple[Any, dict]] = {}
+
+
+def _jitted(pipeline: Any) -> dict[str, Any]:
+  """Jitted functions of a pipeline, `fn(params, *inputs)`, built once per pipeline object
+  (kept by id): 'predict' -> (B, E), 'prefix', 'guide' (prefix + bank retrieval),
+  'routed_one' (+ threshold, costs, offset), 'all' (every route's image, route order, in one
+  pass), 'all_images' (the same as a dict, + 'frame' / 'motion' for head avatars), 'routes'."""
+  hit = _JIT_CACHE.get(id(pipeline))
+  if hit is not None and hit[0] is pipeline:
+    return hit[1]
+  raw = (_heads_fns if is_heads(pipeline.config) else _oasis_fns)(pipeline)
+  order = list(pipeline.exits) + ['backbone']
+  all_images = raw['all_images']
+
+  def all_fn(params, *inputs):  # a list in route order (int and str dict keys do not sort)
+    imgs = all_images(params, *inputs)
+    return [imgs[k] for k in order]
+
+  fns = {k: jax.jit(v) for k, v in raw.items() if k != 'routes'}
+  fns['all'] = jax.jit(all_fn)
+  fns['routes'] = [jax.jit(r) for r in raw['routes']]
   _JIT_CACHE.clear()  # one pipeline at a time: do not hold old params alive
   _JIT_CACHE[id(pipeline)] = (pipeline, fns)
   return fns
@@ -201,19 +344,18 @@ def device_name() -> str:
 # One input.
 
 
-def infer_one(pipeline: Any, labels: np.ndarray, z: np.ndarray, threshold: float, *,
-              offset: float = 0.0, verify: bool = False, repeats: int = 5
-              ) -> tuple[np.ndarray, dict[str, Any]]:
-  """Route one input (labels (H, W) ids, z (z_dim,)); returns (image (H, W, 3) in [-1, 1],
-  info: exit (block index or 'backbone'), route index, predicted LPIPS of every exit and of the
-  chosen one, GMACs (and share of the backbone), latency (median of `repeats` after warm-up),
-  and with `verify` the true LPIPS of the chosen route against the backbone image)."""
+def route_one(pipeline: Any, inputs: Sequence[Any], threshold: float, *, offset: float = 0.0,
+              verify: bool = False, repeats: int = 5) -> tuple[np.ndarray, dict[str, Any]]:
+  """Route one input (`inputs` = the jitted functions' inputs with batch 1, see `_jitted`);
+  returns (image (H, W, 3) in [-1, 1], info: exit (block index or 'backbone'), route index,
+  predicted LPIPS of every exit and of the chosen one, GMACs (and share of the backbone),
+  latency (median of `repeats` after warm-up), and with `verify` the true LPIPS of the chosen
+  route against the backbone image)."""
   t = check_threshold(threshold)
   fns = _jitted(pipeline)
   params = pipeline.params
   costs = jnp.asarray(pipeline.costs, jnp.float32)
-  lab, zz = jnp.asarray(labels[None], jnp.int32), jnp.asarray(z[None], jnp.float32)
-  run = lambda: fns['routed_one'](params, lab, zz, jnp.float32(t), costs, jnp.float32(offset))
+  run = lambda: fns['routed_one'](params, *inputs, jnp.float32(t), costs, jnp.float32(offset))
   latency = time_fn(run, repeats)
   image, aux = run()
   route = int(aux['exit'])
@@ -229,7 +371,7 @@ def infer_one(pipeline: Any, labels: np.ndarray, z: np.ndarray, threshold: float
       'latency_ms': 1e3 * latency, 'device': device_name()}
   if verify:
     from fiancee_jax.metrics import lpips as lpips_lib  # noqa: PLC0415
-    imgs = fns['all'](params, lab, zz)
+    imgs = fns['all'](params, *inputs)
     ref, lp = imgs[-1], lpips_lib.load()
     info['true_lpips'] = 0.0 if route == len(exits) else float(lp(jnp.asarray(image), ref)[0])
     info['true_lpips_all'] = {f'exit{k}': float(lp(imgs[e], ref)[0])
@@ -237,15 +379,52 @@ def infer_one(pipeline: Any, labels: np.ndarray, z: np.ndarray, threshold: float
   return np.asarray(image[0]), info
 
 
+def infer_one(pipeline: Any, labels: np.ndarray, z: np.ndarray, threshold: float, *,
+              offset: float = 0.0, verify: bool = False, repeats: int = 5
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+  """OASIS: route one label map (H, W) ids with noise z (z_dim,) (see `route_one`)."""
+  inputs = (jnp.asarray(labels[None], jnp.int32), jnp.asarray(z[None], jnp.float32))
+  return route_one(pipeline, inputs, threshold, offset=offset, verify=verify, repeats=repeats)
+
+
+def infer_pair(pipeline: Any, source: np.ndarray, driver: np.ndarray, identity: int,
+               threshold: float, *, offset: float = 0.0, verify: bool = False,
+               repeats: int = 5) -> tuple[np.ndarray, dict[str, Any]]:
+  """Head avatars: route one (source, driver) pair of uint8 (H, W, 3) images, guided by the
+  frame bank of the source `identity` (see `route_one`)."""
+  inputs = (jnp.asarray(to_pm1(source[None])), jnp.asarray(to_pm1(driver[None])),
+            jnp.asarray([identity], jnp.int32))
+  return route_one(pipeline, inputs, threshold, offset=offset, verify=verify, repeats=repeats)
+
+
+def _write_image(out: str, image: np.ndarray) -> None:
+  from fiancee_jax.train import logging as tlog  # noqa: PLC0415
+  tlog.write_png(out, tlog.to_uint8(image))
+
+
 def infer_file(config: ml_collections.ConfigDict, workdir: str, *, label: str | None = None,
                index: int | None = None, split: str = 'test', noise_seed: int = 0,
                threshold: float = TARGET_LPIPS, offset: float = 0.0, verify: bool = False,
-               out: str | None = None, repeats: int = 5, pipeline: Any = None) -> dict[str, Any]:
-  """`infer.py` for one input: a label PNG (or a data split index) + a noise seed -> writes
-  the image (default `<workdir>/infer/<name>_t<threshold>.png`) and returns the info dict
-  (with `image` = the written path). Inputs are checked before any stage is loaded."""
-  from fiancee_jax.train import logging as tlog  # noqa: PLC0415
+               out: str | None = None, repeats: int = 5, pipeline: Any = None,
+               source: str | None = None, driver: str | None = None,
+               source_index: int | None = None, driver_index: int | None = None,
+               identity: int | None = None) -> dict[str, Any]:
+  """`infer.py` for one input -> writes the image (default `<workdir>/infer/<name>_...png`)
+  and returns the info dict (with `image` = the written path). OASIS: a label PNG (or a data
+  split index) + a noise seed; head avatars: source and driver (files or split indices) +
+  the source identity (`pair_inputs`). Inputs are checked before any stage is loaded."""
   t = check_threshold(threshold)
+  if is_heads(config):
+    if label is not None or index is not None:
+      raise InferError(f'{config.name} is a head-avatar config: give --source/--source_index '
+                       'and --driver/--driver_index, not --label/--index')
+    return _infer_pair_file(config, workdir, source=source, driver=driver,
+                            source_index=source_index, driver_index=driver_index,
+                            identity=identity, split=split, threshold=t, offset=offset,
+                            verify=verify, out=out, repeats=repeats, pipeline=pipeline)
+  if any(v is not None for v in (source, driver, source_index, driver_index, identity)):
+    raise InferError(f'{config.name} is an OASIS config: give --label or --index, not the '
+                     'head-avatar flags (--source, --driver, --identity, ...)')
   if (label is None) == (index is None):
     raise InferError('give exactly one of --label (a label-id PNG) or --index (a data split '
                      'index)')
@@ -259,8 +438,26 @@ def infer_file(config: ml_collections.ConfigDict, workdir: str, *, label: str | 
   image, info = infer_one(pipeline, labels, noise(config, noise_seed), t, offset=offset,
                           verify=verify, repeats=repeats)
   out = out or os.path.join(os.path.abspath(workdir), 'infer', f'{name}_s{noise_seed}_t{t:g}.png')
-  tlog.write_png(out, tlog.to_uint8(image))
+  _write_image(out, image)
   info.update(image=out, noise_seed=int(noise_seed), input=label or f'{split}[{index}]')
+  return info
+
+
+def _infer_pair_file(config, workdir, *, source, driver, source_index, driver_index, identity,
+                     split, threshold, offset, verify, out, repeats, pipeline) -> dict[str, Any]:
+  src, drv, ident, name = pair_inputs(config, workdir, source=source, driver=driver,
+                                      source_index=source_index, driver_index=driver_index,
+                                      identity=identity, split=split)
+  if pipeline is None:
+    check_identity(config, workdir, ident)
+    pipeline = load(config, workdir, identities=[ident])
+  image, info = infer_pair(pipeline, src, drv, ident, threshold, offset=offset, verify=verify,
+                           repeats=repeats)
+  out = out or os.path.join(os.path.abspath(workdir), 'infer', f'{name}_t{threshold:g}.png')
+  _write_image(out, image)
+  info.update(image=out, identity=ident,
+              source=source or f'{split}[{source_index}]',
+              driver=driver or f'{split}[{driver_index}]')
   return info
 
 
@@ -268,17 +465,19 @@ def infer_file(config: ml_collections.ConfigDict, workdir: str, *, label: str | 
 # Batched routed inference.
 
 
-def routed_batch(pipeline: Any, labels: np.ndarray, z: np.ndarray, threshold: float,
-                 offset: float = 0.0, bucket_sizes: Sequence[int] | None = None,
-                 timings: dict[str, float] | None = None) -> tuple[jax.Array, np.ndarray]:
-  """A batch: prefix + predictor once for the batch, exits on the host, then each route on
-  its bucket (`routing.run_bucketed`). Returns (images (B, H, W, 3), exits (B,)). With
-  `timings`, adds the seconds spent in prediction ('predict') and in route calls ('routes')."""
+def routed_rows(pipeline: Any, inputs: Sequence[Any], threshold: float, offset: float = 0.0,
+                bucket_sizes: Sequence[int] | None = None,
+                timings: dict[str, float] | None = None) -> tuple[jax.Array, np.ndarray]:
+  """A batch (`inputs` = the jitted functions' inputs, leading axis B): predictor once for
+  the batch, exits on the host, then each route on its bucket (`routing.run_bucketed`).
+  Returns (images (B, H, W, 3), exits (B,)). With `timings`, adds the seconds spent in
+  prediction ('predict') and in route calls ('routes')."""
   fns = _jitted(pipeline)
   params = pipeline.params
   sizes = tuple(bucket_sizes or pipeline.config.routing.bucket_sizes)
+  inputs = tuple(jnp.asarray(x) for x in inputs)
   t0 = time.perf_counter()
-  pred = np.asarray(fns['predict'](params, labels, z))
+  pred = np.asarray(fns['predict'](params, *inputs))
   t1 = time.perf_counter()
   exits = np.asarray(routing.choose_exit(pred, threshold, pipeline.costs, offset))
   spent = [0.0]
@@ -286,26 +485,139 @@ def routed_batch(pipeline: Any, labels: np.ndarray, z: np.ndarray, threshold: fl
   def wrap(r):
     def call(x):
       s = time.perf_counter()
-      out = _block(r(params, x[0], x[1]))
+      out = _block(r(params, *x))
       spent[0] += time.perf_counter() - s
       return out
     return call
 
-  images = routing.run_bucketed([wrap(r) for r in fns['routes']], exits,
-                                (jnp.asarray(labels), jnp.asarray(z)), sizes)
+  images = routing.run_bucketed([wrap(r) for r in fns['routes']], exits, inputs, sizes)
   if timings is not None:
     timings['predict'] = timings.get('predict', 0.0) + (t1 - t0)
     timings['routes'] = timings.get('routes', 0.0) + spent[0]
   return images, exits
 
 
+def routed_batch(pipeline: Any, labels: np.ndarray, z: np.ndarray, threshold: float,
+                 offset: float = 0.0, bucket_sizes: Sequence[int] | None = None,
+                 timings: dict[str, float] | None = None) -> tuple[jax.Array, np.ndarray]:
+  """OASIS `routed_rows` on label maps (B, H, W) and noises (B, z_dim)."""
+  return routed_rows(pipeline, (labels, z), threshold, offset, bucket_sizes, timings)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweep.
 
 
-def _split_labels(config, workdir, rows) -> np.ndarray:
-  uniq, inv = np.unique(rows['maps'], return_inverse=True)
-  return tp.load_labels(config, workdir, rows['data_split'], uniq)[inv]
+def _sweep_inputs(config, workdir, rows) -> tuple[tuple[np.ndarray, ...], dict[str, Any]]:
+  """Inputs of the predictor split's rows for the jitted functions (OASIS: labels, z; head
+  avatars: source, driver in [-1, 1], source identity) and, for head avatars, the driver's
+  ground-truth pose (None when the data has none)."""
+  if not is_heads(config):
+    uniq, inv = np.unique(rows['maps'], return_inverse=True)
+    return (tp.load_labels(config, workdir, rows['data_split'], uniq)[inv], rows['z']), {}
+  n = len(rows['sources'])
+  images, ids, pose = split_frames(config, workdir, rows['data_split'],
+                                   np.concatenate([rows['sources'], rows['drivers']]))
+  inputs = (to_pm1(images[:n]), to_pm1(images[n:]), ids[:n])
+  return inputs, {'driver_pose': None if pose is None else pose[n:]}
+
+
+def rotation_data(pipeline: Any, rows: dict[str, Any], identity: np.ndarray,
+                  driver_pose: np.ndarray | None, exits_taken: np.ndarray) -> dict[str, Any]:
+  """Fig. 10 inputs for head-avatar test rows: the driver's head rotation from frontal
+  (ground-truth pose where the data has it, else the motion encoder's angles), the angle
+  between the driver's key and the guiding bank frame's key (the motion encoder's angles of
+  both), each exit's true LPIPS and the route each row took."""
+  from fiancee_jax import fiancee_heads  # noqa: PLC0415
+  motion = np.asarray(rows['feats'], np.float32)
+  gt = driver_pose is not None
+  out = {'angle_source': 'ground-truth pose' if gt else 'motion encoder angles',
+         'driver_angle': fiancee_heads.rotation_angle(driver_pose if gt else motion[:, :3]),
+         'exits_taken': np.asarray(exits_taken).tolist(), 'key_angle': None}
+  if pipeline.use_bank and pipeline.params.get('bank') is not None:
+    keys = fiancee_heads.nearest_bank_keys(pipeline, motion, identity)
+    out['key_angle'] = fiancee_heads.rotation_angle(motion[:, :3], keys[:, :3])
+  return out
+
+
+def measure_latency(pipeline: Any, inputs: Sequence[np.ndarray], batch_size: int,
+                    repeats: int, threshold: float, offset: float) -> dict[str, Any]:
+  """Wall-clock of every route, the backbone and routed batched inference (`routed_rows`) on
+  the same batches in one run, + the batch-1 routing overhead (prefix, predictor, retrieval)
+  against the cheapest route."""
+  fns = _jitted(pipeline)
+  params = pipeline.params
+  costs = np.asarray(pipeline.costs, np.float64)
+  exits = list(pipeline.exits)
+  n, bs = len(inputs[0]), int(batch_size)
+  batches = [tuple(x[i:i + bs] for x in inputs) for i in range(0, n - bs + 1, bs)] or \
+      [tuple(x[:bs] for x in inputs)]
+  print(f'[sweep] latency: {len(batches)} batch(es) of {bs}, median of {repeats} runs, '
+        f'threshold {threshold} (calibrated offset {offset:.4f})', flush=True)
+  route_ms = [1e3 * time_fn(lambda fn=fn: fn(params, *batches[0]), repeats) / bs
+              for fn in fns['routes']]
+  backbone_s = time_fn(lambda: [fns['routes'][-1](params, *b) for b in batches], repeats)
+  for b in batches:  # warm every bucket shape first
+    routed_rows(pipeline, b, threshold, offset)
+  routed_times, parts = [], []
+  for _ in range(max(repeats, 1)):
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for b in batches:
+      routed_rows(pipeline, b, threshold, offset, timings=timings)
+    routed_times.append(time.perf_counter() - t0)
+    parts.append(timings)
+  routed_s = statistics.median(routed_times)
+  mid = parts[int(np.argsort(routed_times)[len(routed_times) // 2])]
+  one = tuple(x[:1] for x in inputs)
+  cheapest = int(np.argmin(costs))
+  t1 = {name: time_fn(lambda fn=fn: fn(params, *one), max(repeats, 5)) for name, fn in
+        (('cheap', fns['routes'][cheapest]), ('pred', fns['predict']), ('guide', fns['guide']),
+         ('prefix', fns['prefix']))}
+  n_run = bs * len(batches)
+  lat = {
+      'batch_size': bs, 'num_images': n_run, 'repeats': repeats,
+      'per_route_ms_per_image': route_ms,
+      'backbone_ms_per_image': 1e3 * backbone_s / n_run,
+      'routed_ms_per_image': 1e3 * routed_s / n_run,
+      'speedup': backbone_s / routed_s,
+      'routed_parts_ms_per_image': {
+          'prefix_and_predictor': 1e3 * mid.get('predict', 0.0) / n_run,
+          'routes': 1e3 * mid.get('routes', 0.0) / n_run,
+          'host_dispatch': 1e3 * max(routed_s - mid.get('predict', 0.0) - mid.get('routes', 0.0),
+                                     0.0) / n_run},
+      'overhead_batch1': {
+          'cheapest_route': f'exit{exits[cheapest]}' if cheapest < len(exits) else 'backbone',
+          'cheapest_route_ms': 1e3 * t1['cheap'],
+          'prefix_and_predictor_ms': 1e3 * t1['pred'],
+          'prefix_ms': 1e3 * t1['prefix'],
+          'prefix_and_retrieval_ms': 1e3 * t1['guide'],
+          'predictor_share_of_cheapest': t1['pred'] / t1['cheap'],
+          'retrieval_share_of_cheapest': max(t1['guide'] - t1['prefix'], 0.0) / t1['cheap']},
+  }
+  print(f'[sweep] backbone {lat["backbone_ms_per_image"]:.2f} ms/img, routed '
+        f'{lat["routed_ms_per_image"]:.2f} ms/img -> x{lat["speedup"]:.2f}', flush=True)
+  return lat
+
+
+def sample_grid(pipeline: Any, inputs: Sequence[np.ndarray], exits_taken: np.ndarray
+                ) -> dict[str, Any]:
+  """Images of the sample grid for the first len(exits_taken) inputs: every route ('exits',
+  route order), the routed image, and the inputs (OASIS: 'labels'; head avatars: 'inputs' =
+  [(name, images)] of source, driver and the guiding bank frame, as in Fig. 5)."""
+  fns = _jitted(pipeline)
+  k = len(exits_taken)
+  x = tuple(jnp.asarray(a[:k]) for a in inputs)
+  stack = [np.asarray(a) for a in fns['all'](pipeline.params, *x)]
+  out = {'exits': stack, 'routed': np.stack([stack[e][i] for i, e in enumerate(exits_taken)]),
+         'routed_exit': np.asarray(exits_taken).tolist()}
+  if not is_heads(pipeline.config):
+    return out | {'labels': np.asarray(inputs[0][:k])}
+  cols = [('source', np.asarray(inputs[0][:k])), ('driver', np.asarray(inputs[1][:k]))]
+  frame = fns['guide'](pipeline.params, *x)['frame']
+  if frame is not None:
+    cols.append(('bank frame', np.asarray(frame)))
+  return out | {'inputs': cols}
 
 
 def headline_row(rows: list[dict[str, Any]], prefix: str,
@@ -333,7 +645,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, *,
           repeats: int = 3, batch_size: int | None = None, nobank_workdir: str | None = None,
           num_samples: int = 4, pipeline: Any = None) -> dict[str, Any]:
   """Run the sweep on the predictor's test split and write the report; returns the summary
-  (also `<out_dir>/summary.json`, default `<workdir>/report`)."""
+  (also `<out_dir>/summary.json`, default `<workdir>/report`). Head-avatar configs add
+  Fig. 10 (routes vs the driver's head rotation) and source | driver | bank frame samples."""
   from fiancee_jax import report  # noqa: PLC0415
   thresholds = tuple(config.routing.thresholds if thresholds is None else thresholds)
   if not thresholds:
@@ -364,74 +677,15 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, *,
       fig9.append({'exit': k, 'threshold': t_k, 'single': true[:, e].tolist(),
                    'routed': routing.chosen_lpips(true, chosen).tolist()})
 
-  # Latency: every route, the backbone and routed inference on the same batches, one run.
-  labels = _split_labels(config, workdir, test)
-  z = test['z']
-  n = len(labels)
+  inputs, extra = _sweep_inputs(config, workdir, test)
+  n = len(true)
   bs = int(batch_size or min(n, max(config.routing.bucket_sizes)))
-  fns = _jitted(pipeline)
-  params = pipeline.params
-  batches = [(labels[i:i + bs], z[i:i + bs]) for i in range(0, n - bs + 1, bs)] or \
-      [(labels[:bs], z[:bs])]
-  print(f'[sweep] latency: {len(batches)} batch(es) of {bs}, median of {repeats} runs, '
-        f'threshold {head["threshold"]} (calibrated offset {head["offset"]:.4f})', flush=True)
-  route_ms = []
-  for r, fn in enumerate(fns['routes']):
-    lb, zb = batches[0]
-    route_ms.append(1e3 * time_fn(lambda fn=fn: fn(params, lb, zb), repeats) / bs)
-  backbone_s = time_fn(lambda: [fns['routes'][-1](params, lb, zb) for lb, zb in batches],
-                       repeats)
   offset = head['offset'] if math.isfinite(head['offset']) else (
       math.inf if head['offset'] > 0 else -1e9)
   t_head = head['threshold']
-  for lb, zb in batches:  # warm every bucket shape first
-    routed_batch(pipeline, lb, zb, t_head, offset)
-  routed_times, parts = [], []
-  for _ in range(max(repeats, 1)):
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for lb, zb in batches:
-      routed_batch(pipeline, lb, zb, t_head, offset, timings=timings)
-    routed_times.append(time.perf_counter() - t0)
-    parts.append(timings)
-  routed_s = statistics.median(routed_times)
-  mid = parts[int(np.argsort(routed_times)[len(routed_times) // 2])]
-  one_l, one_z = labels[:1], z[:1]
-  cheapest = int(np.argmin(costs))
-  t_cheap1 = time_fn(lambda: fns['routes'][cheapest](params, one_l, one_z), max(repeats, 5))
-  t_pred1 = time_fn(lambda: fns['predict'](params, one_l, one_z), max(repeats, 5))
-  t_guide1 = time_fn(lambda: fns['guide'](params, one_l, one_z), max(repeats, 5))
-  t_prefix1 = time_fn(lambda: fns['prefix'](params, one_l, one_z), max(repeats, 5))
-  n_run = bs * len(batches)
-  latency = {
-      'batch_size': bs, 'num_images': n_run, 'repeats': repeats,
-      'per_route_ms_per_image': route_ms,
-      'backbone_ms_per_image': 1e3 * backbone_s / n_run,
-      'routed_ms_per_image': 1e3 * routed_s / n_run,
-      'speedup': backbone_s / routed_s,
-      'routed_parts_ms_per_image': {
-          'prefix_and_predictor': 1e3 * mid.get('predict', 0.0) / n_run,
-          'routes': 1e3 * mid.get('routes', 0.0) / n_run,
-          'host_dispatch': 1e3 * max(routed_s - mid.get('predict', 0.0) - mid.get('routes', 0.0),
-                                     0.0) / n_run},
-      'overhead_batch1': {
-          'cheapest_route': f'exit{exits[cheapest]}' if cheapest < len(exits) else 'backbone',
-          'cheapest_route_ms': 1e3 * t_cheap1,
-          'prefix_and_predictor_ms': 1e3 * t_pred1,
-          'prefix_ms': 1e3 * t_prefix1,
-          'prefix_and_retrieval_ms': 1e3 * t_guide1,
-          'predictor_share_of_cheapest': t_pred1 / t_cheap1,
-          'retrieval_share_of_cheapest': max(t_guide1 - t_prefix1, 0.0) / t_cheap1},
-  }
-  print(f'[sweep] backbone {latency["backbone_ms_per_image"]:.2f} ms/img, routed '
-        f'{latency["routed_ms_per_image"]:.2f} ms/img -> x{latency["speedup"]:.2f}', flush=True)
-
-  # Sample grid: label | exits | backbone | routed (the exit it took).
-  k = min(num_samples, n)
-  imgs = fns['all'](params, labels[:k], z[:k])
-  s_exits = np.asarray(routing.choose_exit(pred[:k], t_head, costs, offset))
-  stack = [np.asarray(x) for x in imgs]
-  routed_imgs = np.stack([stack[s_exits[i]][i] for i in range(k)])
+  latency = measure_latency(pipeline, inputs, bs, repeats, t_head, offset)
+  taken = np.asarray(routing.choose_exit(pred, t_head, costs, offset))
+  samples = sample_grid(pipeline, inputs, taken[:min(num_samples, n)])
 
   true_nobank = None
   if nobank_workdir:
@@ -445,6 +699,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, *,
   eval_path = os.path.join(tp.stage_dir(workdir), 'eval.json')
   pred_eval = json.load(open(eval_path)) if os.path.exists(eval_path) else None
   gm = costs[-1]
+  ob = latency['overhead_batch1']
   summary = {
       'threshold': head['threshold'],
       'rule': f'conformal offset (alpha={alpha}) calibrated on {len(true_cal)} held-out inputs',
@@ -458,25 +713,25 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, *,
       'latency_speedup': latency['speedup'],
       'gain_gmacs_per_lpips': gain_slope(rows, 'calibrated_'),
       'routing_overhead_share_of_cheapest': (
-          latency['overhead_batch1']['prefix_and_predictor_ms'] +
-          max(latency['overhead_batch1']['prefix_and_retrieval_ms'] -
-              latency['overhead_batch1']['prefix_ms'], 0.0)) /
-      latency['overhead_batch1']['cheapest_route_ms'],
+          ob['prefix_and_predictor_ms'] + max(ob['prefix_and_retrieval_ms'] - ob['prefix_ms'],
+                                              0.0)) / ob['cheapest_route_ms'],
       'paper_rule': {'threshold': head_paper['threshold'], 'meets_target': met_paper,
                      'mean_lpips': head_paper['mean_true_lpips'],
                      'violation_rate': head_paper['violation_rate'],
                      'gmacs_share': head_paper['mean_gmacs'] / gm,
                      'gain_gmacs_per_lpips': gain_slope(rows, '')},
-      'num_test': int(len(true)), 'device': device_name(), 'config': config.name,
+      'num_test': int(n), 'device': device_name(), 'config': config.name,
       'workdir': os.path.abspath(workdir),
   }
   result = {
+      'kind': 'heads' if is_heads(config) else 'oasis',
       'summary': summary, 'rows': rows, 'exits': exits, 'costs': costs.tolist(),
       'alpha': alpha, 'true': true, 'pred': pred, 'true_nobank': true_nobank, 'fig9': fig9,
-      'latency': latency, 'predictor_eval': pred_eval,
-      'samples': {'labels': labels[:k], 'exits': [np.asarray(x[:k]) for x in stack],
-                  'routed': routed_imgs, 'routed_exit': s_exits.tolist()},
+      'latency': latency, 'predictor_eval': pred_eval, 'samples': samples,
   }
+  if is_heads(config):
+    result['rotation'] = dict(rotation_data(pipeline, test, inputs[2], extra['driver_pose'],
+                                            taken), threshold=t_head)
   paths = report.write(out_dir, result)
   summary['report'] = paths['report']
   return summary

@@ -1,9 +1,11 @@
 """Figures + markdown report of a threshold sweep (`infer.py --sweep`), like the paper's
-Figs. 3, 4, 8, 9 and Tables S3 / S4, plus what the paper does not show: the realised violation
-rate, and measured wall-clock latency of every route and of routed batched inference.
+Figs. 3, 4, 8, 9 and Tables S3 / S4 (OASIS) or Figs. 5, 6, 7, 10 and Table S6 (head avatars),
+plus what the paper does not show: the realised violation rate, and measured wall-clock
+latency of every route and of routed batched inference.
 
-`write(out_dir, result)` takes the dict built by `infer_lib.sweep` and writes, atomically:
-report.md, summary.json and fig_*.png / samples.png into `out_dir`.
+`write(out_dir, result)` takes the dict built by `infer_lib.sweep` (its 'kind': 'oasis' or
+'heads' picks the figure names and the wording) and writes, atomically: report.md,
+summary.json, sweep.json and the figures (`figures(kind)`) into `out_dir`.
 """
 from __future__ import annotations
 
@@ -15,8 +17,46 @@ from typing import Any
 
 import numpy as np
 
-FIGURES = ('fig3_exits_gmacs.png', 'fig4_quality_compute.png', 'fig8_lpips_per_exit.png',
-           'fig9_single_vs_routed.png', 'violation_rate.png', 'latency.png', 'samples.png')
+# Figure files by role; the paper numbers them differently for the two backbones.
+_FIGURE_NAMES = {
+    'oasis': {'exits_gmacs': 'fig3_exits_gmacs.png', 'quality_compute': 'fig4_quality_compute.png',
+              'lpips_per_exit': 'fig8_lpips_per_exit.png',
+              'single_vs_routed': 'fig9_single_vs_routed.png'},
+    'heads': {'exits_gmacs': 'fig7_exits_gmacs.png', 'quality_compute': 'fig6_quality_compute.png',
+              'lpips_per_exit': 'lpips_per_exit.png', 'single_vs_routed': 'single_vs_routed.png',
+              'rotation': 'fig10_exits_vs_rotation.png',
+              'key_angle': 'fig10_lpips_vs_key_angle.png'},
+}
+_COMMON_FIGURES = {'violation': 'violation_rate.png', 'latency': 'latency.png',
+                   'samples': 'samples.png'}
+
+# What differs in the report's wording.
+_TEXT = {
+    'oasis': {'inputs': 'held-out maps, new noises', 'paper_exits': 'Fig. 3',
+              'paper_quality': 'Fig. 4 uses FID; here mean LPIPS vs the backbone',
+              'prefix': 'Route functions recompute the backbone prefix (first conv + ResBlock 1) '
+                        'that the predictor already ran',
+              'predictor': 'prefix + predictor', 'eval': 'Tables S3 / S4',
+              'sample_inputs': 'Label'},
+    'heads': {'inputs': '(source, driver) pairs of the test split, the driver of another '
+                        'identity where the split has several',
+              'paper_exits': 'Fig. 7', 'paper_quality': 'Fig. 6',
+              'prefix': 'Route functions each run the front end (appearance + motion '
+                        'encoders, fusion; the predictor needs only the motion encoder)',
+              'predictor': 'motion encoder + predictor', 'eval': 'Table S6',
+              'sample_inputs': 'Source | driver | bank frame (Fig. 5)'},
+}
+
+
+def figures(kind: str = 'oasis') -> tuple[str, ...]:
+  """File names of the figures `write` makes for a sweep of this kind ('oasis' | 'heads')."""
+  if kind not in _FIGURE_NAMES:
+    raise ValueError(f'report kind {kind!r}: expected one of {sorted(_FIGURE_NAMES)}')
+  return tuple(_FIGURE_NAMES[kind].values()) + tuple(_COMMON_FIGURES.values())
+
+
+FIGURES = figures('oasis')
+HEADS_FIGURES = figures('heads')
 
 
 def _atomic_bytes(path: str, data: bytes) -> None:
@@ -64,7 +104,8 @@ def _density(ax, values, label, color=None, ls='-'):
 
 
 def fig3(path: str, res: dict[str, Any]) -> None:
-  """Exit distribution and mean GMACs vs threshold (Fig. 3), paper rule and calibrated."""
+  """Exit distribution and mean GMACs vs threshold (Fig. 3; heads: Fig. 7), paper rule and
+  calibrated."""
   plt = _plt()
   rows, names = res['rows'], _route_names(res['exits'])
   ts = [r['threshold'] for r in rows]
@@ -92,7 +133,8 @@ def fig3(path: str, res: dict[str, Any]) -> None:
 
 
 def fig4(path: str, res: dict[str, Any]) -> None:
-  """Quality vs compute of every route (Fig. 4 uses FID; here mean LPIPS vs the backbone)."""
+  """Quality vs compute of every route (Fig. 4 uses FID; here mean LPIPS vs the backbone;
+  heads: Fig. 6)."""
   plt = _plt()
   true = np.asarray(res['true'])
   costs = res['costs']
@@ -170,14 +212,74 @@ def fig_latency(path: str, res: dict[str, Any]) -> None:
   _save(fig, path)
 
 
+def _rotation_arrays(res: dict[str, Any]) -> tuple[dict, list[str], np.ndarray, np.ndarray]:
+  """(rotation dict, route names, driver rotation (N,) degrees, route taken (N,))."""
+  rot = res['rotation']
+  return (rot, _route_names(res['exits']), np.asarray(rot['driver_angle'], np.float64),
+          np.asarray(rot['exits_taken']))
+
+
+def fig10_rotation(path: str, res: dict[str, Any]) -> None:
+  """Head avatars (Fig. 10): how many test inputs each route took, against the driver's
+  head rotation from frontal (stacked histogram, at the headline threshold)."""
+  plt = _plt()
+  rot, names, angle, taken = _rotation_arrays(res)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  bins = np.linspace(0.0, max(float(angle.max()), 1.0) * 1.001, 9)
+  ax.hist([angle[taken == e] for e in range(len(names))], bins=bins, stacked=True,
+          label=names)
+  ax.set_xlabel(f'driver head rotation from frontal, degrees ({rot["angle_source"]})')
+  ax.set_ylabel('test inputs')
+  ax.set_title(f'routes vs head rotation (threshold {rot["threshold"]:g}, calibrated)')
+  ax.legend(fontsize=7)
+  _save(fig, path)
+
+
+def _key_axis(res: dict[str, Any]) -> tuple[np.ndarray, str]:
+  rot = res['rotation']
+  if rot.get('key_angle') is not None:
+    return (np.asarray(rot['key_angle'], np.float64),
+            "angle between the driver's key and the guiding bank frame's, degrees")
+  return (np.asarray(rot['driver_angle'], np.float64),
+          f'driver head rotation, degrees ({rot["angle_source"]}; unguided: no bank)')
+
+
+def fig10_key_angle(path: str, res: dict[str, Any]) -> None:
+  """Head avatars (Fig. 10, Sec. 6): each exit's true LPIPS against the angle between the
+  driver's key and the nearest bank key (the guiding frame), with binned means."""
+  plt = _plt()
+  x, label = _key_axis(res)
+  true = np.asarray(res['true'], np.float64)
+  fig, ax = plt.subplots(figsize=(6, 4))
+  edges = np.quantile(x, np.linspace(0, 1, 5)) if x.size > 1 else np.array([0.0, 1.0])
+  which = np.clip(np.searchsorted(edges, x, side='right') - 1, 0, len(edges) - 2)
+  for e, k in enumerate(res['exits']):
+    color = f'C{e}'
+    ax.scatter(x, true[:, e], s=8, alpha=0.4, color=color)
+    mids = [(x[which == b].mean(), true[which == b, e].mean())
+            for b in range(len(edges) - 1) if np.any(which == b)]
+    ax.plot(*zip(*mids), '-o', color=color, label=f'exit {k} (binned mean)')
+  ax.set_xlabel(label)
+  ax.set_ylabel('LPIPS vs backbone (test)')
+  ax.legend(fontsize=7)
+  _save(fig, path)
+
+
 def samples_png(path: str, res: dict[str, Any]) -> None:
+  """OASIS: label | exits | backbone | routed. Heads (Fig. 5): source | driver | bank frame |
+  backbone | exits | routed."""
   from fiancee_jax.data.common import colorize  # noqa: PLC0415
   from fiancee_jax.train import logging as tlog  # noqa: PLC0415
   s = res['samples']
+  heads = 'inputs' in s
+  routes = [s['exits'][-1]] + list(s['exits'][:-1]) if heads else list(s['exits'])
   rows = []
-  for i in range(len(s['labels'])):
-    cols = [colorize(np.asarray(s['labels'][i]))]
-    cols += [tlog.to_uint8(x[i]) for x in s['exits']]
+  for i in range(len(s['routed'])):
+    if heads:
+      cols = [tlog.to_uint8(x[i]) for _, x in s['inputs']]
+    else:
+      cols = [colorize(np.asarray(s['labels'][i]))]
+    cols += [tlog.to_uint8(x[i]) for x in routes]
     cols.append(tlog.to_uint8(s['routed'][i]))
     rows.append(np.concatenate(cols, axis=1))
   tlog.write_png(path, np.concatenate(rows, axis=0))
@@ -189,13 +291,46 @@ def _fmt(v: Any, nd: int = 3) -> str:
   return str(v)
 
 
+def _kind(res: dict[str, Any]) -> str:
+  return res.get('kind', 'oasis')
+
+
+def _rotation_md(res: dict[str, Any], fig: dict[str, str]) -> list[str]:
+  """Fig. 10 section (head avatars): routes vs rotation, LPIPS vs the key angle."""
+  rot, names, angle, taken = _rotation_arrays(res)
+  key = rot.get('key_angle')
+  key = None if key is None else np.asarray(key, np.float64)
+  lines = ['## Routes vs head rotation (Fig. 10)', '',
+           f'Driver rotation from frontal: {rot["angle_source"]}; key angle: between the '
+           "driver's motion-encoder angles and those of the bank frame retrieval picks (the "
+           f'guiding frame). Routes at threshold {rot["threshold"]:g} (calibrated).', '',
+           '| route | inputs | mean driver rotation (deg) | mean key angle (deg) |',
+           '|---|---|---|---|']
+  for e, name in enumerate(names):
+    m = taken == e
+    mean = lambda v: f'{v[m].mean():.1f}' if m.any() else '-'  # noqa: E731
+    lines.append(f'| {name} | {int(m.sum())} | {mean(angle)} | '
+                 f'{"-" if key is None else mean(key)} |')
+  if key is not None and key.size > 2 and np.ptp(key) > 0:
+    true = np.asarray(res['true'], np.float64)
+    corr = [np.corrcoef(key, true[:, e])[0, 1] if np.ptp(true[:, e]) > 0 else math.nan
+            for e in range(true.shape[1])]
+    lines += ['', 'Pearson correlation of key angle and LPIPS: ' + ', '.join(
+        f'exit {k} {_fmt(float(c), 2)}' for k, c in zip(res['exits'], corr)) + '.']
+  lines += ['', f'![routes vs rotation]({fig["rotation"]}) '
+            f'![LPIPS vs key angle]({fig["key_angle"]})', '']
+  return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
   s, lat = res['summary'], res['latency']
+  kind = _kind(res)
+  text, fig = _TEXT[kind], _FIGURE_NAMES[kind]
   names = _route_names(res['exits'])
   ob = lat['overhead_batch1']
   lines = [
       f'# FIANCEE sweep report: {s.get("config", "")}', '',
-      f'Device: {s["device"]}. Test inputs: {s["num_test"]} (held-out maps, new noises).', '',
+      f'Device: {s["device"]}. Test inputs: {s["num_test"]} ({text["inputs"]}).', '',
       '## Headline', '',
       f'At threshold **{s["threshold"]:g}** ({s["rule"]}; the largest swept threshold whose '
       f'realised mean LPIPS <= {s["target_mean_lpips"]}'
@@ -208,13 +343,13 @@ def markdown(res: dict[str, Any]) -> str:
       f'{lat["batch_size"]}): **x{s["latency_speedup"]:.2f}**',
       f'- gain (Sec. 3.4, slope of mean GMACs vs realised LPIPS): '
       f'{_fmt(s["gain_gmacs_per_lpips"], 1)} GMACs/LPIPS',
-      f'- routing overhead (prefix + predictor + retrieval, batch 1) / cheapest route '
+      f'- routing overhead ({text["predictor"]} + retrieval, batch 1) / cheapest route '
       f'({ob["cheapest_route"]}): **{s["routing_overhead_share_of_cheapest"]:.1%}**', '',
       f'Paper rule (offset 0) at its own threshold {s["paper_rule"]["threshold"]:g}: mean LPIPS '
       f'{s["paper_rule"]["mean_lpips"]:.4f}, violation rate '
       f'{s["paper_rule"]["violation_rate"]:.3f}, GMACs share '
       f'{s["paper_rule"]["gmacs_share"]:.3f}.', '',
-      '## Sweep (test split)', '',
+      f'## Sweep (test split, {text["paper_exits"]})', '',
       '| threshold | offset | ' + ' | '.join(names) + ' | mean GMACs | mean LPIPS | violations '
       '| paper rule: GMACs | LPIPS | violations |',
       '|' + '---|' * (len(names) + 8)]
@@ -227,32 +362,34 @@ def markdown(res: dict[str, Any]) -> str:
         f' | {r.get("calibrated_mean_true_lpips", r["mean_true_lpips"]):.4f}'
         f' | {r.get("calibrated_violation_rate", r["violation_rate"]):.3f}'
         f' | {r["mean_gmacs"]:.3f} | {r["mean_true_lpips"]:.4f} | {r["violation_rate"]:.3f} |')
-  lines += ['', '![exits and GMACs vs threshold](fig3_exits_gmacs.png)',
-            '![violation rate](violation_rate.png)', '',
-            '## Routes', '',
+  lines += ['', f'![exits and GMACs vs threshold]({fig["exits_gmacs"]})',
+            f'![violation rate]({_COMMON_FIGURES["violation"]})', '',
+            f'## Routes ({text["paper_quality"]})', '',
             '| route | GMACs | mean LPIPS (test) | ms / image (batched) |', '|---|---|---|---|']
   means = list(np.mean(np.asarray(res['true']), 0)) + [0.0]
   for name, c, m, ms in zip(names, res['costs'], means, lat['per_route_ms_per_image']):
     lines.append(f'| {name} | {c:.3f} | {m:.4f} | {ms:.3f} |')
   parts = lat['routed_parts_ms_per_image']
   lines += [
-      '', f'Routed: {lat["routed_ms_per_image"]:.3f} ms / image = prefix + predictor '
+      '', f'Routed: {lat["routed_ms_per_image"]:.3f} ms / image = {text["predictor"]} '
       f'{parts["prefix_and_predictor"]:.3f} + route calls {parts["routes"]:.3f} + host dispatch '
       f'{parts["host_dispatch"]:.3f}; backbone {lat["backbone_ms_per_image"]:.3f} ms / image. '
-      'Route functions recompute the backbone prefix (first conv + ResBlock 1) that the '
-      f'predictor already ran: {ob["prefix_ms"]:.3f} ms at batch 1.', '',
-      f'Batch 1: cheapest route {ob["cheapest_route_ms"]:.3f} ms, prefix + predictor '
+      f'{text["prefix"]}: {ob["prefix_ms"]:.3f} ms at batch 1.', '',
+      f'Batch 1: cheapest route {ob["cheapest_route_ms"]:.3f} ms, {text["predictor"]} '
       f'{ob["prefix_and_predictor_ms"]:.3f} ms ({ob["predictor_share_of_cheapest"]:.1%}), '
       f'retrieval {max(ob["prefix_and_retrieval_ms"] - ob["prefix_ms"], 0):.3f} ms '
       f'({ob["retrieval_share_of_cheapest"]:.1%}; paper: ~16% on a P40).', '',
-      '![quality vs compute](fig4_quality_compute.png) ![latency](latency.png)', '',
+      f'![quality vs compute]({fig["quality_compute"]}) '
+      f'![latency]({_COMMON_FIGURES["latency"]})', '',
       '## Quality distributions', '',
-      '![per-exit LPIPS](fig8_lpips_per_exit.png)', '',
+      f'![per-exit LPIPS]({fig["lpips_per_exit"]})', '',
       'Each exit alone vs the predictor enforcing that exit\'s mean LPIPS (paper rule):', '',
-      '![single vs routed](fig9_single_vs_routed.png)', '']
+      f'![single vs routed]({fig["single_vs_routed"]})', '']
+  if kind == 'heads':
+    lines += _rotation_md(res, fig)
   ev = res.get('predictor_eval')
   if ev:
-    lines += ['## Predictor error (Tables S3 / S4)', '', f'Definition: {ev["definition"]}.', '',
+    lines += [f'## Predictor error ({text["eval"]})', '', f'Definition: {ev["definition"]}.', '',
               '| split | ' + ' | '.join(f'B{k}' for k in ev['exits']) + ' | mean |',
               '|' + '---|' * (len(ev['exits']) + 2)]
     for split in ('validation', 'test', 'calibration'):
@@ -261,8 +398,10 @@ def markdown(res: dict[str, Any]) -> str:
                                                    ev[split]['rel_error'])
                      + f' | {100 * ev[split]["mean_rel_error"]:.1f}% |')
     lines.append('')
-  lines += ['## Samples', '', 'Label | ' + ' | '.join(names) + ' | routed '
-            f'(routes taken: {res["samples"]["routed_exit"]})', '', '![samples](samples.png)', '']
+  routes = ['backbone'] + names[:-1] if kind == 'heads' else names
+  lines += ['## Samples', '', f'{text["sample_inputs"]} | ' + ' | '.join(routes) + ' | routed '
+            f'(routes taken: {res["samples"]["routed_exit"]})', '',
+            f'![samples]({_COMMON_FIGURES["samples"]})', '']
   return '\n'.join(lines)
 
 
@@ -283,21 +422,20 @@ def _jsonable(x: Any) -> Any:
 
 def write(out_dir: str, res: dict[str, Any]) -> dict[str, str]:
   """Write every figure, report.md and summary.json (+ sweep.json with all rows)."""
+  kind = _kind(res)
   os.makedirs(out_dir, exist_ok=True)
   p = lambda name: os.path.join(out_dir, name)
-  fig3(p(FIGURES[0]), res)
-  fig4(p(FIGURES[1]), res)
-  fig8(p(FIGURES[2]), res)
-  fig9(p(FIGURES[3]), res)
-  fig_violation(p(FIGURES[4]), res)
-  fig_latency(p(FIGURES[5]), res)
-  samples_png(p(FIGURES[6]), res)
+  makers = {'exits_gmacs': fig3, 'quality_compute': fig4, 'lpips_per_exit': fig8,
+            'single_vs_routed': fig9, 'rotation': fig10_rotation, 'key_angle': fig10_key_angle,
+            'violation': fig_violation, 'latency': fig_latency, 'samples': samples_png}
+  for role, name in {**_FIGURE_NAMES[kind], **_COMMON_FIGURES}.items():
+    makers[role](p(name), res)
   report = p('report.md')
   summary = dict(res['summary'], report=report)
   _atomic_bytes(p('sweep.json'), json.dumps(_jsonable(
       {'rows': res['rows'], 'latency': res['latency'], 'costs': res['costs'],
-       'exits': res['exits']}), indent=1).encode())
+       'exits': res['exits'], 'rotation': res.get('rotation')}), indent=1).encode())
   _atomic_bytes(p('summary.json'), json.dumps(_jsonable(summary), indent=1).encode())
   _atomic_bytes(report, markdown(res).encode())
   return {'report': report, 'summary': p('summary.json'),
-          **{name: p(name) for name in FIGURES}}
+          **{name: p(name) for name in figures(kind)}}
