@@ -19,7 +19,6 @@ latency; the image goes to --out (default <workdir>/infer/<name>_t<threshold>.pn
 --sweep writes <workdir>/report/ (report.md, summary.json, figures).
 """
 import json
-import os
 import sys
 
 from absl import app, flags

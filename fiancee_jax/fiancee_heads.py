@@ -287,7 +287,7 @@ def build_bank(config, workdir: str, *, force: bool = False, batch_size: int = 1
                         'expected > 0')
   g_params, g_coll, g_meta = fiancee._load_backbone(config, workdir)  # noqa: SLF001
   step = g_meta.get('step')
-  data_dir = fiancee._data_dir(config, workdir)  # noqa: SLF001
+  data_dir = cfg.data_dir(config, workdir)
   fdata.prepare(config.data, data_dir)
   index = None if config.data.name == 'synthetic_heads' else dataset_frames(config, data_dir)
   ids = (all_identities(config, data_dir, index) if identities is None
@@ -399,7 +399,7 @@ def load_pipeline(config, workdir: str, stages: Sequence[str] = fiancee.STAGES,
   bank, slots = None, None
   if 'bank' in stages and use_bank:
     if identities is None:
-      identities = all_identities(config, fiancee._data_dir(config, workdir))  # noqa: SLF001
+      identities = all_identities(config, cfg.data_dir(config, workdir))
     fb = load_banks(config, workdir, identities, g_meta.get('step'), verify_bank)
     bank, slots = fb.bank, jnp.asarray(fb.slots)
   if 'branches' in stages:

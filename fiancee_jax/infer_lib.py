@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fiancee_jax import config as cfg
 from fiancee_jax import routing
 from fiancee_jax.train import predictor as tp
 
@@ -108,7 +109,7 @@ def dataset_label(config: ml_collections.ConfigDict, workdir: str, split: str,
                   index: int) -> np.ndarray:
   """Label map `index` of a prepared data split, (H, W) int32."""
   from fiancee_jax import data  # noqa: PLC0415
-  src = data.source(config.data, split, tp.data_dir(config, workdir))
+  src = data.source(config.data, split, cfg.data_dir(config, workdir))
   if not 0 <= index < len(src):
     raise InferError(f'--index={index}: the {split!r} split has {len(src)} examples')
   return np.asarray(src[index]['label'], np.int32)
@@ -160,7 +161,7 @@ def split_frames(config: ml_collections.ConfigDict, workdir: str, split: str,
   """(images (N, H, W, 3) uint8, identities (N,) int32, ground-truth poses (N, 3) degrees or
   None when the data has none) of examples `indices` of a prepared head-avatar split."""
   from fiancee_jax import data  # noqa: PLC0415
-  src = data.source(config.data, split, tp.data_dir(config, workdir))
+  src = data.source(config.data, split, cfg.data_dir(config, workdir))
   bad = [int(i) for i in indices if not 0 <= int(i) < len(src)]
   if bad:
     raise InferError(f'--{flag}={bad[0]}: the {split!r} split has {len(src)} examples')
@@ -218,7 +219,7 @@ def pair_inputs(config: ml_collections.ConfigDict, workdir: str, *, source: str 
 def check_identity(config: ml_collections.ConfigDict, workdir: str, identity: int) -> None:
   """An identity of the data (every one has a frame bank), else InferError listing them."""
   from fiancee_jax import fiancee_heads  # noqa: PLC0415
-  ids = fiancee_heads.all_identities(config, tp.data_dir(config, workdir))
+  ids = fiancee_heads.all_identities(config, cfg.data_dir(config, workdir))
   if int(identity) not in ids:
     raise InferError(f'--identity={identity}: expected an identity of the {config.data.name} '
                      f'data with a frame bank, one of {ids}')
