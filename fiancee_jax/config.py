@@ -139,6 +139,7 @@ def base_megaportraits() -> ml_collections.ConfigDict:
   c.data.width = 512
   c.data.num_identities = 50      # synthetic_heads only
   c.data.frames_per_identity = 40
+  c.data.frames_per_video = 8     # video_frames only: evenly spaced frames read per video
 
   c.model = ml_collections.ConfigDict()
   c.model.g2d_in = 1536           # G2D input channels at base resolution (64x64 at 512 px)
@@ -277,6 +278,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          and list(b.exits) == sorted(set(b.exits)),
          f'branches.exits={tuple(b.exits)}: expected increasing block indices in 1..{m.num_res}')
     need(b.min_channels <= m.ch, f'branches.min_channels={b.min_channels} exceeds model.ch={m.ch}')
+    need(d.frames_per_video >= 1, f'data.frames_per_video={d.frames_per_video}: expected >= 1')
   if problems:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems))
   return config

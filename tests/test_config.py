@@ -70,3 +70,21 @@ def test_config_hash_tracks_shapes(repo):
   assert cfg.config_hash(a, ('model', 'branches')) != cfg.config_hash(b, ('model', 'branches'))
   b.model.ch = 8
   assert cfg.config_hash(a) != cfg.config_hash(b)
+
+
+def test_frames_per_video_is_a_schema_key(repo, tmp_path):
+  """data.frames_per_video (video_frames) is in the head-avatar schema, checked, and picks the
+  prepared dataset folder; the OASIS schema has no such key."""
+  from fiancee_jax.data import builders
+  c = cfg.load(str(repo / 'configs' / 'megaportraits_voxceleb2.py'))
+  assert c.data.frames_per_video == 8
+  c.data.frames_per_video = 0
+  with pytest.raises(cfg.ConfigError, match='frames_per_video=0'):
+    cfg.validate(c)
+  c.data.frames_per_video = 3
+  cfg.validate(c)
+  b = builders.make_builder(c.data, str(tmp_path))
+  assert b.builder_config.frames_per_video == 3 and b.builder_config.name == '512_f3'
+  o = cfg.load(str(repo / 'configs' / 'oasis_synthetic.py'))
+  with pytest.raises(AttributeError):
+    o.data.frames_per_video = 4

@@ -112,3 +112,9 @@ def test_video_frames_errors_name_the_file(tmp_path):
   with pytest.raises(DataError, match='cannot read image .*000.png'):
     data.prepare(dict(name='video_frames', height=16, width=16,
                       manual_dir=str(tmp_path / 'vox2')), str(tmp_path / 'd2'))
+
+
+def test_video_frames_needs_a_frame_per_video(tmp_path):
+  with pytest.raises(DataError, match='frames_per_video=0'):
+    data.prepare(dict(name='video_frames', height=16, width=16, frames_per_video=0,
+                      manual_dir=str(tmp_path)), str(tmp_path / 'd'))

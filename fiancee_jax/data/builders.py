@@ -408,6 +408,8 @@ def make_builder(data_config: Any, data_dir: str) -> _Builder:
     if h != w:
       raise DataError(f'video_frames: data resolution {h}x{w}: expected a square size')
     fpv = int(g('frames_per_video', 8))
+    if fpv < 1:
+      raise DataError(f'video_frames: frames_per_video={fpv}: expected >= 1')
     return VideoFrames(config=VideoConfig(name=f'{h}_f{fpv}', size=h, frames_per_video=fpv),
                        data_dir=data_dir, manual_dir=str(g('manual_dir', '')))
   raise DataError(f'data.name={name!r}: expected one of {NAMES}')
