@@ -42,7 +42,6 @@ flags.DEFINE_bool('verify', False, 'Also compute the true LPIPS against the back
 flags.DEFINE_string('out', None, 'Output PNG path for one input.')
 flags.DEFINE_bool('sweep', False, 'Sweep thresholds over the test split and write the report.')
 flags.DEFINE_list('thresholds', None, 'Thresholds for --sweep (default config.routing).')
-flags.DEFINE_string('nobank_workdir', None, 'Workdir of an unguided run, for Fig. 8.')
 flags.DEFINE_integer('repeats', 3, 'Timing repeats (median).')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
@@ -57,7 +56,7 @@ def main(argv):
       ts = None if FLAGS.thresholds is None else [infer_lib.check_threshold(t)
                                                    for t in FLAGS.thresholds]
       summary = infer_lib.sweep(FLAGS.config, FLAGS.workdir, thresholds=ts,
-                                nobank_workdir=FLAGS.nobank_workdir, repeats=FLAGS.repeats)
+                                repeats=FLAGS.repeats)
       print(json.dumps(summary, default=str))
       return
     t = infer_lib.check_threshold(FLAGS.threshold)

@@ -60,11 +60,14 @@ def stage_done(config: Any, workdir: str, stage: str) -> bool:
 
 
 def _command(stage: str, config_arg: Sequence[str], workdir: str) -> list[str]:
+  """The command a user would type; `--verbosity=-1` keeps absl's INFO lines (orbax, tfds)
+  off the demo console (progress lines are prints)."""
   py = sys.executable
   if stage == 'bank':
-    return [py, os.path.join(REPO, 'build_bank.py'), *config_arg, f'--workdir={workdir}']
+    return [py, os.path.join(REPO, 'build_bank.py'), *config_arg, f'--workdir={workdir}',
+            '--verbosity=-1']
   return [py, os.path.join(REPO, 'train.py'), *config_arg, f'--workdir={workdir}',
-          f'--stage={stage}']
+          f'--stage={stage}', '--verbosity=-1']
 
 
 def headline(summary: dict[str, Any]) -> str:

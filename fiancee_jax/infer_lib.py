@@ -641,9 +641,32 @@ def gain_slope(rows: list[dict[str, Any]], prefix: str) -> float:
   return float(-np.polyfit(x, y, 1)[0])
 
 
+def unguided_lpips(config: ml_collections.ConfigDict, workdir: str,
+                   inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray | None:
+  """Fig. 8's unguided curves: LPIPS vs the backbone of every exit of the no-bank ablation
+  (`train.py --stage=branches --config.branches.use_bank=False` in the same workdir, into
+  checkpoints/branches_nobank) on the sweep's own inputs, (N, E); None when it was not
+  trained (or the config itself is unguided)."""
+  from fiancee_jax import fiancee  # noqa: PLC0415
+  from fiancee_jax.metrics import lpips as lpips_lib  # noqa: PLC0415
+  from fiancee_jax.train import checkpoint  # noqa: PLC0415
+  nobank = checkpoint.checkpoint_dir(workdir, fiancee.branches_subdir(False))
+  if not config.branches.use_bank or not os.path.isdir(nobank) or not os.listdir(nobank):
+    return None
+  print(f'[sweep] Fig. 8: the unguided branches of {nobank} on the same inputs', flush=True)
+  pipeline = fiancee.load_pipeline(config, workdir, stages=('backbone', 'branches'),
+                                   use_bank=False)
+  if is_heads(config):  # the target function takes the frames as uint8, like the datasets
+    to_u8 = lambda x: np.round((np.asarray(x) + 1.0) * 127.5).astype(np.uint8)  # noqa: E731
+    inputs = (to_u8(inputs[0]), to_u8(inputs[1]), inputs[2])
+  rows = tp.compute_rows(pipeline, pipeline.params, lpips_lib.load_params(), inputs,
+                         batch_size, name='test, no bank')
+  return rows['targets']
+
+
 def sweep(config: ml_collections.ConfigDict, workdir: str, *,
           thresholds: Sequence[float] | None = None, out_dir: str | None = None,
-          repeats: int = 3, batch_size: int | None = None, nobank_workdir: str | None = None,
+          repeats: int = 3, batch_size: int | None = None,
           num_samples: int = 4, pipeline: Any = None) -> dict[str, Any]:
   """Run the sweep on the predictor's test split and write the report; returns the summary
   (also `<out_dir>/summary.json`, default `<workdir>/report`). Head-avatar configs add
@@ -688,14 +711,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str, *,
   taken = np.asarray(routing.choose_exit(pred, t_head, costs, offset))
   samples = sample_grid(pipeline, inputs, taken[:min(num_samples, n)])
 
-  true_nobank = None
-  if nobank_workdir:
-    path = os.path.join(tp.stage_dir(nobank_workdir), 'dataset_test.npz')
-    if not os.path.exists(path):
-      raise InferError(f'--nobank_workdir={nobank_workdir!r}: no {path}; run its stages with '
-                       'branches.use_bank=False first')
-    with np.load(path) as f:
-      true_nobank = f['targets']
+  true_nobank = unguided_lpips(config, workdir, inputs, bs)
 
   eval_path = os.path.join(tp.stage_dir(workdir), 'eval.json')
   pred_eval = json.load(open(eval_path)) if os.path.exists(eval_path) else None

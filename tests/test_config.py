@@ -84,7 +84,7 @@ def test_frames_per_video_is_a_schema_key(repo, tmp_path):
   c.data.frames_per_video = 3
   cfg.validate(c)
   b = builders.make_builder(c.data, str(tmp_path))
-  assert b.builder_config.frames_per_video == 3 and b.builder_config.name == '512_f3'
+  assert b.builder_config.frames_per_video == 3 and b.builder_config.name.startswith('512_f3_src')
   o = cfg.load(str(repo / 'configs' / 'oasis_synthetic.py'))
   with pytest.raises(AttributeError):
     o.data.frames_per_video = 4

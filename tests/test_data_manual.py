@@ -118,3 +118,18 @@ def test_video_frames_needs_a_frame_per_video(tmp_path):
   with pytest.raises(DataError, match='frames_per_video=0'):
     data.prepare(dict(name='video_frames', height=16, width=16, frames_per_video=0,
                       manual_dir=str(tmp_path)), str(tmp_path / 'd'))
+
+
+def test_two_downloads_in_one_data_dir_stay_apart(tmp_path):
+  """Prepared folders are named after the manual download too: a second video folder prepared
+  into the same data_dir is read from its own records, not the first one's."""
+  _video_tree(tmp_path / 'vox')
+  (tmp_path / 'other' / 'id9' / 'v0').mkdir(parents=True)
+  for i in range(3):
+    Image.fromarray(np.full((16, 16, 3), 30 * i, np.uint8)).save(
+        tmp_path / 'other' / 'id9' / 'v0' / f'{i:03d}.png')
+  base = dict(name='video_frames', height=16, width=16, frames_per_video=4)
+  a = data.source(dict(base, manual_dir=str(tmp_path / 'vox')), 'train', str(tmp_path / 'd'))
+  b = data.source(dict(base, manual_dir=str(tmp_path / 'other')), 'train', str(tmp_path / 'd'))
+  assert len(a) == 4 and len(b) == 3
+  np.testing.assert_allclose(b[2]['image'], 60, atol=1)

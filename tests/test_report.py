@@ -50,6 +50,10 @@ def test_write_report(tmp_path):
   for r in res['rows']:
     cells = ' | '.join(str(c) for c in r['calibrated_exit_counts'])
     assert f'| {r["threshold"]:g} |' in md and cells in md
+  # routes table: GMACs, mean LPIPS with the bank, then without it (the ablation's exits)
+  for e, name in enumerate(('exit 1', 'exit 2')):
+    with_bank, without = np.mean(res['true'][:, e]), np.mean(res['true_nobank'][:, e])
+    assert f'| {name} | {res["costs"][e]:.3f} | {with_bank:.4f} | {without:.4f} |' in md
   s = json.load(open(paths['summary']))
   assert s['gain_gmacs_per_lpips'] == 'nan' and s['gmacs_share'] == 0.5
   assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]

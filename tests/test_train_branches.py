@@ -53,3 +53,29 @@ def test_branch_step_and_resume(tmp_path_factory):
 def _frozen_init(c, wd):
   fr, _, _ = tb.load_frozen(c, wd, True)
   return fr.generator, tb.load_backbone_discriminator(wd, c)
+
+
+def test_branch_sn_kernels_follow_the_backbone_init(tmp_path_factory):
+  """train.sn_kernel_init='torch_default' (the backbone's SN parametrisation, layers.py) also
+  rescales the branches' spectral-norm kernels: the same function, kernels of PyTorch's
+  default size; every other parameter is the xavier init's."""
+  import flax  # noqa: PLC0415
+  c, wd, _ = backbone_workdir(tmp_path_factory)
+  g_params, g_coll, _ = checkpoint.load_backbone(wd, c)
+  gen, disc = {'params': g_params, **g_coll}, tb.load_backbone_discriminator(wd, c)
+  models = tb.build_models(c)
+  states = {}
+  for init in ('xavier', 'torch_default'):
+    c.train.sn_kernel_init = init
+    states[init] = tb.create_train_state(c, models, gen, disc)
+  flat = {k: flax.traverse_util.flatten_dict(s.params_b) for k, s in states.items()}
+  sn = {p[:-1] for p in flax.traverse_util.flatten_dict(states['xavier'].state_b['spectral'])}
+  assert sn
+  for path, x in flat['xavier'].items():
+    y = flat['torch_default'][path]
+    if path[:-1] in sn and path[-1] == 'kernel':
+      kh, kw, cin, cout = x.shape
+      want = (3.0 * kh * kw * cin) ** -0.5 / (0.02 * (2.0 / (kh * kw * (cin + cout))) ** 0.5)
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x) * want, rtol=1e-5)
+    else:
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(x))

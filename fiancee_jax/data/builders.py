@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import os
 import pathlib
 from typing import Any, Iterator
@@ -375,6 +376,13 @@ class VideoFrames(_Builder, skip_registration=True):
 NAMES = ('synthetic_streets', 'synthetic_heads', 'cityscapes', 'video_frames')
 
 
+def _source_tag(manual_dir: str) -> str:
+  """Short hash of a manual download's absolute path: part of the prepared folder's name, so
+  two downloads prepared into one data_dir never reuse each other's records."""
+  path = os.path.abspath(manual_dir) if manual_dir else ''
+  return 'src' + hashlib.sha256(path.encode()).hexdigest()[:8]
+
+
 def make_builder(data_config: Any, data_dir: str) -> _Builder:
   """The builder for `config.data` (fields name, height, width, num_*, seed, manual_dir,
   num_identities, frames_per_identity, frames_per_video, num_workers)."""
@@ -402,14 +410,18 @@ def make_builder(data_config: Any, data_dir: str) -> _Builder:
                       frames_per_identity=fr, seed=seed)
     return SyntheticHeads(config=cfg, data_dir=data_dir, num_workers=workers)
   if name == 'cityscapes':
-    return Cityscapes(config=CityscapesConfig(name=f'{h}x{w}', height=h, width=w),
-                      data_dir=data_dir, manual_dir=str(g('manual_dir', '')), num_workers=workers)
+    manual = str(g('manual_dir', ''))
+    return Cityscapes(config=CityscapesConfig(name=f'{h}x{w}_{_source_tag(manual)}', height=h,
+                                              width=w),
+                      data_dir=data_dir, manual_dir=manual, num_workers=workers)
   if name == 'video_frames':
     if h != w:
       raise DataError(f'video_frames: data resolution {h}x{w}: expected a square size')
     fpv = int(g('frames_per_video', 8))
     if fpv < 1:
       raise DataError(f'video_frames: frames_per_video={fpv}: expected >= 1')
-    return VideoFrames(config=VideoConfig(name=f'{h}_f{fpv}', size=h, frames_per_video=fpv),
-                       data_dir=data_dir, manual_dir=str(g('manual_dir', '')))
+    manual = str(g('manual_dir', ''))
+    return VideoFrames(config=VideoConfig(name=f'{h}_f{fpv}_{_source_tag(manual)}', size=h,
+                                          frames_per_video=fpv),
+                       data_dir=data_dir, manual_dir=manual)
   raise DataError(f'data.name={name!r}: expected one of {NAMES}')

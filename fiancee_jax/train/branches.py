@@ -8,8 +8,8 @@ One pure per-device step (`train_step`) for all exits at once:
     targets) + alpha * VGG + beta * LPIPS against the backbone's image (Eq. S1; alpha 10,
     beta 5), Adam(0, 0.999), lr config.branches.lr;
   * discriminator update: each exit has its own copy of the backbone's trained OASIS
-    discriminator (stacked on a leading axis and vmapped: one copy per exit, independent
-    Adam states), trained with the OASIS D losses (real = dataset image + label, fake =
+    discriminator (stacked on a leading axis and applied copy by copy, `state.per_copy`:
+    one copy per exit, independent Adam states), trained with the OASIS D losses (real = dataset image + label, fake =
     that exit's image, LabelMix with train.labelmix_lambda).
 The branch step runs first (against the current discriminators) and the discriminators then
 see the same (detached) branch images: one branch forward per step instead of two.
@@ -40,10 +40,11 @@ from fiancee_jax import fiancee, losses
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.metrics import vgg_loss as vgg_lib
 from fiancee_jax.models import discriminators, oasis
+from fiancee_jax.models.layers import torch_default_scale_sn_kernels
 from fiancee_jax.train import backbone as bb
 from fiancee_jax.train import checkpoint, loop, parallel
 from fiancee_jax.train import logging as tlog
-from fiancee_jax.train.state import adam, split_variables
+from fiancee_jax.train.state import adam, per_copy, split_variables
 
 PyTree = Any
 
@@ -149,6 +150,8 @@ def create_train_state(config, models: Models, gen_vars: PyTree, disc: tuple[PyT
   local = fiancee.build_modules(config, use_bank=models.use_bank)[1]
   b_vars = jax.jit(functools.partial(fiancee.init_branches, config, local))(gen_vars, k_b)
   params_b, state_b = split_variables(b_vars)
+  if config.train.sn_kernel_init == 'torch_default':  # the backbone's SN parametrisation
+    params_b = torch_default_scale_sn_kernels(params_b, state_b)
   e = len(models.exits)
   stack = lambda t: jax.tree.map(lambda x: np.stack([np.asarray(x)] * e), t)
   params_d, state_d = stack(disc[0]), stack(disc[1])
@@ -201,7 +204,7 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
     imgs, new_sb = models.branches.apply({'params': params_b, **tr.state_b}, feats, cond,
                                          guide, True, mutable=mut_b)
     fakes = jnp.stack([imgs[k] for k in models.exits])
-    logits, sd = jax.vmap(disc, in_axes=(0, 0, 0))(tr.params_d, tr.state_d, fakes)
+    logits, sd = per_copy(disc, tr.params_d, tr.state_d, fakes)
     # The backbone image's LPIPS / VGG features once for all exits.
     lp = jnp.mean(lpips_lib.to_reference(fr.lpips, target, fakes), axis=1)
     vg = (vgg_lib.to_reference(fr.vgg, target, fakes, models.vgg_mode)
@@ -237,7 +240,7 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
     return total, (coll, jnp.stack([l_fake, l_real, l_lm]))
 
   def d_loss_fn(params_d):
-    tot, (coll, parts) = jax.vmap(d_loss_one)(params_d, state_d, fakes)
+    tot, (coll, parts) = per_copy(d_loss_one, params_d, state_d, fakes)
     return jnp.sum(tot), (coll, parts)
 
   (_, (state_d, d_parts)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(tr.params_d)

@@ -14,7 +14,7 @@ reads them, + the source's identity (it picks the frame bank). One pure per-devi
     against that exit's own copy of the multi-scale patch discriminator + c1 VGG19 + c2
     MS-SSIM + c3 L1 + c4 feature matching, weights `train.loss_weights`) against the
     backbone's image, on the driver's foreground mask. The exit images are stacked on a
-    leading axis and vmapped with their discriminator copies;
+    leading axis and applied exit by exit with their discriminator copies (`state.per_copy`);
   * discriminator update: each copy (initialised from the backbone's trained discriminator)
     gets the hinge loss on the masked backbone image (real) vs its exit's masked image
     (fake, detached: the branch images of the branch update).
@@ -49,7 +49,7 @@ from fiancee_jax.models import patch_discriminator
 from fiancee_jax.train import branches as tb
 from fiancee_jax.train import checkpoint, heads, loop, parallel
 from fiancee_jax.train import logging as tlog
-from fiancee_jax.train.state import adam, split_variables
+from fiancee_jax.train.state import adam, per_copy, split_variables
 
 PyTree = Any
 CONSOLE_METRICS = ('b_total',)   # + every exit's total; the rest goes to TensorBoard
@@ -152,7 +152,7 @@ def train_step(state: tb.BranchState, batch: dict[str, jax.Array], *, models: Mo
            if models.use_bank else None)
   pmean = (lambda x: lax.pmean(x, axis_name)) if axis_name is not None else (lambda x: x)
 
-  # --- branches: Eq. S3 per exit against the backbone image, vmapped over exits -------------
+  # --- branches: Eq. S3 per exit against the backbone image, exit by exit -------------------
   def exit_loss(params_d, fake):
     logits, aux = D.apply({'params': params_d}, losses_heads.apply_mask(fake, mask))
     real_feats = None
@@ -166,7 +166,7 @@ def train_step(state: tb.BranchState, batch: dict[str, jax.Array], *, models: Mo
     imgs, new_sb = models.branches.apply({'params': params_b, **tr.state_b}, feats, frame, True,
                                          mutable=list(tr.state_b))
     fakes = jnp.stack([imgs[k] for k in models.exits])
-    totals, parts = jax.vmap(exit_loss)(tr.params_d, fakes)
+    totals, parts = per_copy(exit_loss, tr.params_d, fakes)
     return jnp.sum(totals), ({**tr.state_b, **new_sb}, fakes, parts)
 
   (b_total, (state_b, fakes, b_parts)), b_grads = jax.value_and_grad(
@@ -179,7 +179,8 @@ def train_step(state: tb.BranchState, batch: dict[str, jax.Array], *, models: Mo
   real = {'driver': target, 'mask': mask}   # d_loss: real = batch['target'] or the driver
 
   def d_loss_fn(params_d):
-    tot, parts = jax.vmap(lambda p, f: losses_heads.d_loss(p, real, f, disc=D))(params_d, fakes)
+    tot, parts = per_copy(lambda p, f: losses_heads.d_loss(p, real, f, disc=D), params_d,
+                          fakes)
     return jnp.sum(tot), parts
 
   (_, d_parts), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(tr.params_d)

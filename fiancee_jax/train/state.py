@@ -7,7 +7,7 @@ and the base rng. It is a flax struct (a plain pytree) so orbax saves it as it i
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -67,3 +67,12 @@ def adam(lr: float | optax.Schedule, b1: float, b2: float,
   """Adam(b1, b2) with decoupled weight decay (AdamW): OASIS (wd 0, constant lr) and the
   head-avatar backbone (wd 1e-2, cosine schedule)."""
   return optax.adamw(lr, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay)
+
+
+def per_copy(fn: Callable[..., Any], *stacked: PyTree) -> Any:
+  """`fn` over the leading axis of stacked pytrees (one discriminator copy per exit), one copy
+  after the other (`lax.map`). Not `vmap`: batching over conv *weights* turns every conv into
+  a grouped convolution, which XLA:CPU runs ~20x slower (measured: fwd + bwd of 4 OASIS
+  discriminator copies on 4 x 64x128 images, 12.2 s vmapped vs 0.61 s one by one)."""
+  return jax.lax.map(lambda xs: fn(*xs), stacked)
+
