@@ -305,13 +305,17 @@ def routed_apply(prefix_fn: Callable[[PyTree, Array], Any],
 
 
 def _bucket_chunks(count: int, bucket_sizes: Sequence[int]) -> list[tuple[int, int]]:
-  """Split `count` rows into (rows, padded_size) chunks with padded sizes from bucket_sizes."""
-  chunks, biggest, left = [], bucket_sizes[-1], count
-  while left > biggest:
-    chunks.append((biggest, biggest))
-    left -= biggest
+  """Split `count` rows into (rows, padded_size) chunks with sizes from bucket_sizes: greedily
+  the largest bucket that the remaining rows fill, so only a tail smaller than the smallest
+  bucket is padded. (Padding a group to the next bucket instead wastes up to half a batch:
+  23 rows padded to 32 made routed inference slower than the backbone in the demo sweep.)"""
+  chunks, left = [], count
+  while left >= bucket_sizes[0]:
+    b = max(s for s in bucket_sizes if s <= left)
+    chunks.append((b, b))
+    left -= b
   if left:
-    chunks.append((left, next(b for b in bucket_sizes if b >= left)))
+    chunks.append((left, bucket_sizes[0]))
   return chunks
 
 
@@ -320,10 +324,10 @@ def run_bucketed(exit_fns: Sequence[Callable[[PyTree], PyTree]], exits: Array, i
   """Run exit_fns[exits[i]] on row i of `inputs`; outputs in the original order.
 
   exit_fns[e](batch) -> pytree with leading batch axis; pass jitted functions (bind params
-  with functools.partial so they stay jit arguments). Rows routed to exit e are gathered,
-  padded (repeating their last row) to the smallest bucket size that holds them (groups
-  larger than the biggest bucket are chunked), and the padding is dropped when scattering
-  back. So each exit function sees at most len(bucket_sizes) distinct batch shapes, and an
+  with functools.partial so they stay jit arguments). Rows routed to exit e are gathered and
+  cut into chunks of the bucket sizes (`_bucket_chunks`: largest bucket first; only a tail
+  smaller than the smallest bucket is padded, repeating its last row), and the padding is
+  dropped when scattering back. So each exit function sees at most len(bucket_sizes) distinct batch shapes, and an
   exit that no row needs is never called. Rows must not interact inside an exit function
   (eval-mode norms), else padding would change results.
   """

@@ -199,24 +199,31 @@ def test_run_bucketed_equals_per_input_and_bounds_compiles():
       return _conv_exit(d)(p, x), jnp.sum(x, axis=(1, 2, 3))  # a pytree output
     return functools.partial(jax.jit(f), params)
 
-  fns = [make(d) for d in range(3)]
-  sizes = (1, 4, 16)
   rng = np.random.default_rng(5)
-  for counts in ((1, 5, 17), (3, 16, 40), (0, 2, 9)):  # groups crossing bucket bounds
-    exits = rng.permutation(np.repeat(np.arange(3), counts))
-    x = rng.standard_normal((len(exits), 5, 5, 4)).astype(np.float32)
-    out, sums = routing.run_bucketed(fns, exits, jnp.asarray(x), bucket_sizes=sizes)
-    assert out.shape == (len(exits), 5, 5, 4)
-    ref = [jax.device_get(fns[e](x[i:i + 1])) for i, e in enumerate(exits)]  # one at a time
-    np.testing.assert_allclose(out, np.concatenate([o for o, _ in ref]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(sums, np.concatenate([s for _, s in ref]), rtol=1e-5, atol=1e-5)
-  assert all(1 <= n <= len(sizes) for n in traces), traces
+  for sizes in ((1, 4, 16), (4, 16)):   # (4, 16): tails of < 4 rows are padded, then dropped
+    traces[:] = [0, 0, 0]
+    fns = [make(d) for d in range(3)]
+    for counts in ((1, 5, 17), (3, 16, 40), (0, 2, 9)):  # groups crossing bucket bounds
+      exits = rng.permutation(np.repeat(np.arange(3), counts))
+      x = rng.standard_normal((len(exits), 5, 5, 4)).astype(np.float32)
+      out, sums = routing.run_bucketed(fns, exits, jnp.asarray(x), bucket_sizes=sizes)
+      assert out.shape == (len(exits), 5, 5, 4)
+      ref = [jax.device_get(fns[e](x[i:i + 1])) for i, e in enumerate(exits)]  # one at a time
+      np.testing.assert_allclose(out, np.concatenate([o for o, _ in ref]), rtol=1e-5,
+                                 atol=1e-5)
+      np.testing.assert_allclose(sums, np.concatenate([s for _, s in ref]), rtol=1e-5,
+                                 atol=1e-5)
+    # one trace per bucket size (+1: the batch-1 reference calls when 1 is not a bucket)
+    assert all(1 <= n <= len(sizes) + (1 not in sizes) for n in traces), (sizes, traces)
 
 
 def test_bucket_chunks():
   assert routing._bucket_chunks(0, (1, 4, 16)) == []
-  assert routing._bucket_chunks(5, (1, 4, 16)) == [(5, 16)]
-  assert routing._bucket_chunks(35, (1, 4, 16)) == [(16, 16), (16, 16), (3, 4)]
+  assert routing._bucket_chunks(5, (1, 4, 16)) == [(4, 4), (1, 1)]
+  assert routing._bucket_chunks(35, (1, 4, 16)) == [(16, 16), (16, 16), (1, 1), (1, 1), (1, 1)]
+  assert routing._bucket_chunks(23, (1, 2, 4, 8, 16, 32)) == [(16, 16), (4, 4), (2, 2), (1, 1)]
+  assert routing._bucket_chunks(6, (4, 16)) == [(4, 4), (2, 4)]   # only the tail is padded
+  assert routing._bucket_chunks(3, (4, 16)) == [(3, 4)]
 
 
 # --- budget mode ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ A checkpoint written for another config is refused with one clear error.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -110,12 +110,36 @@ class Checkpointer:
                             f'{self.stage} state: {type(e).__name__}: {e}') from e
     return out['state'], meta
 
+  def resume_gan(self, host_state: PyTree, name: str) -> tuple[PyTree, dict[str, Any] | None]:
+    """(state, data-loader position) from the latest checkpoint of a backbone stage
+    ({'train': GANState, 'ema_bn': refreshed EMA statistics}), or (host_state, None) when
+    there is none yet (a fresh run)."""
+    if self.latest_step() is None:
+      return host_state, None
+    saved, meta = self.restore({'train': host_state, 'ema_bn': host_state.ema_state_g})
+    print(f'[{name}] resumed from {self.directory} at step {int(saved["train"].step)}',
+          flush=True)
+    return saved['train'], meta.get('data')
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def with_stage(workdir: str, stage: str, config: ml_collections.ConfigDict, keep: int,
+               train: Callable[[Checkpointer], Any]) -> Any:
+  """`train(ckpt)` with the stage's checkpointer open (closed after, saves finished). A
+  checkpoint written for another config is refused first, before anything compiles."""
+  ckpt = Checkpointer(workdir, stage, config, keep=keep)
+  try:
+    if ckpt.latest_step() is not None:
+      ckpt.check_config(ckpt.read_meta())
+    return train(ckpt)
+  finally:
+    ckpt.close()
 
 
 def restore_latest(workdir: str, stage: str, target: PyTree,

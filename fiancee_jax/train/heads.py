@@ -288,13 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   position), `workdir/tensorboard`, `workdir/samples/step_<n>.png` (source | driver | EMA
   generator | target). `hooks(step, device_state, metrics)` run after each step."""
   cfg.validate(config)
-  ckpt = checkpoint.Checkpointer(workdir, STAGE, config, keep=config.train.keep_ckpts)
-  try:
-    if ckpt.latest_step() is not None:  # another config's checkpoint: fail before compiling
-      ckpt.check_config(ckpt.read_meta())
-    return _train(config, workdir, ckpt, hooks)
-  finally:
-    ckpt.close()
+  return checkpoint.with_stage(workdir, STAGE, config, config.train.keep_ckpts,
+                               lambda ckpt: _train(config, workdir, ckpt, hooks))
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Checkpointer,
@@ -311,12 +306,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
   fdata.prepare(config.data, data_dir)
   train_src = fdata.source(config.data, 'train', data_dir)
 
-  host_state = create_train_state(config, models)
-  loader_state = None
-  if ckpt.latest_step() is not None:
-    saved, meta = ckpt.restore({'train': host_state, 'ema_bn': host_state.ema_state_g})
-    host_state, loader_state = saved['train'], meta.get('data')
-    print(f'[{STAGE}] resumed from {ckpt.directory} at step {int(host_state.step)}', flush=True)
+  host_state, loader_state = ckpt.resume_gan(create_train_state(config, models), STAGE)
   train_loader = pairs_loader(config, train_src, t.batch_size, config.seed, loader_state,
                               pindex, pcount)
   refresh_bs = max(1, min(t.batch_size, 8, len(train_src)))
