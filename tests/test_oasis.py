@@ -129,3 +129,17 @@ def test_discriminator_shapes():
   assert feats['down6'].shape == (1, 1, 1, 16) and feats['up6'].shape == (1, H, W, 64)
   with pytest.raises(ValueError, match='multiples of 64'):
     d.init(jax.random.key(0), jnp.zeros((1, 48, 64, 3)), False)
+
+
+def test_conv_same_small_maps_equal_the_convolution():
+  """Maps of <= SMALL_MAP_PIXELS pixels go through im2col + matmul (XLA:CPU's conv is ~30x
+  slower there): the same function as the convolution, for 3x3 and 1x1 kernels."""
+  from jax import lax
+  from fiancee_jax.models import layers
+  rng = np.random.default_rng(0)
+  for (h, w), k in (((2, 4), 3), ((1, 1), 3), ((2, 2), 1), ((4, 8), 3)):
+    x = rng.standard_normal((3, h, w, 5)).astype(np.float32)
+    kern = rng.standard_normal((k, k, 5, 7)).astype(np.float32)
+    want = lax.conv_general_dilated(x, kern, (1, 1), ((k // 2, k // 2),) * 2,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    np.testing.assert_allclose(layers.conv_same(x, kern), want, rtol=1e-5, atol=1e-5)

@@ -96,6 +96,24 @@ def _l2_normalize(x: jax.Array, eps: float) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x), eps)
 
 
+# Maps of at most this many pixels are convolved as im2col + matmul: XLA:CPU's convolution
+# is ~30x slower on them (measured, batch 30: 3x3 256->256 on 2x4 maps 56.7 ms vs 1.9 ms;
+# from 4x8 up the convolution is as fast or faster). Same sums, other order.
+SMALL_MAP_PIXELS = 8
+
+
+def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 conv of NHWC `x` with an HWIO kernel, zero padding k//2 (torch padding=k//2)."""
+  k, p = kernel.shape[0], kernel.shape[0] // 2
+  h, w = x.shape[1], x.shape[2]
+  if k > 1 and h * w <= SMALL_MAP_PIXELS:
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    cols = jnp.stack([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], axis=3)
+    return jnp.einsum('bhwtc,tcd->bhwd', cols, kernel.reshape(k * k, *kernel.shape[2:]))
+  return lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 class SNConv(nn.Module):
   """2-D conv (stride 1, 'same' zero padding k//2, as torch padding=k//2) with optional
   spectral norm with torch.nn.utils.spectral_norm semantics (dim 0, eps 1e-12):
@@ -116,10 +134,7 @@ class SNConv(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (k, k, cin, self.features), jnp.float32)
     if self.spectral_norm:
       kernel = self._normalize(kernel, train)
-    p = k // 2
-    y = lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), (1, 1), ((p, p), (p, p)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv_same(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
