@@ -327,8 +327,8 @@ def run_bucketed(exit_fns: Sequence[Callable[[PyTree], PyTree]], exits: Array, i
   with functools.partial so they stay jit arguments). Rows routed to exit e are gathered and
   cut into chunks of the bucket sizes (`_bucket_chunks`: largest bucket first; only a tail
   smaller than the smallest bucket is padded, repeating its last row), and the padding is
-  dropped when scattering back. So each exit function sees at most len(bucket_sizes) distinct batch shapes, and an
-  exit that no row needs is never called. Rows must not interact inside an exit function
+  dropped when scattering back. So each exit function sees at most len(bucket_sizes)
+  distinct batch shapes, and an exit that no row needs is never called. Rows must not interact inside an exit function
   (eval-mode norms), else padding would change results.
   """
   sizes = tuple(int(b) for b in bucket_sizes)

@@ -8,9 +8,9 @@ One pure per-device step (`train_step`) for all exits at once:
     targets) + alpha * VGG + beta * LPIPS against the backbone's image (Eq. S1; alpha 10,
     beta 5), Adam(0, 0.999), lr config.branches.lr;
   * discriminator update: each exit has its own copy of the backbone's trained OASIS
-    discriminator (stacked on a leading axis and applied copy by copy, `state.per_copy`:
-    one copy per exit, independent Adam states), trained with the OASIS D losses (real = dataset image + label, fake =
-    that exit's image, LabelMix with train.labelmix_lambda).
+    discriminator (stacked on a leading axis and applied copy by copy, `state.per_copy`;
+    independent Adam states), trained with the OASIS D losses (real = dataset image +
+    label, fake = that exit's image, LabelMix with train.labelmix_lambda).
 The branch step runs first (against the current discriminators) and the discriminators then
 see the same (detached) branch images: one branch forward per step instead of two.
 
