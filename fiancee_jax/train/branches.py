@@ -339,9 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   def snapshot(step, state, write_samples, write_ckpt):
     host = dp.get_state(state.train)
     if write_samples and is_chief:  # the frozen arrays live in the (donated) device state
-      frozen_now = (state.frozen if dp.mode == 'shard_map'
-                    else jax.tree.map(lambda x: x[0], state.frozen))
-      grid = sample_grid_from(config, models, frozen_now, host,
+      grid = sample_grid_from(config, models, dp.one_copy(state.frozen), host,
                               np.asarray(sample_batch['label'], np.int32), sample_z)
       writer.image(step, f'{stage}/label_backbone_exits', grid)
       tlog.write_png(os.path.join(workdir, 'samples', f'{stage}_{step:07d}.png'), grid)

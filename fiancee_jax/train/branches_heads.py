@@ -348,9 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     def snapshot(step, state, write_samples, write_ckpt):
       host_now = dp.get_state(state.train)
       if write_samples and is_chief:  # the frozen arrays live in the (donated) device state
-        fr = (state.frozen if dp.mode == 'shard_map'
-              else jax.tree.map(lambda x: x[0], state.frozen))
-        grid = sample_grid(models, fr, host_now, inputs)
+        grid = sample_grid(models, dp.one_copy(state.frozen), host_now, inputs)
         writer.image(step, f'{stage}/source_driver_frame_backbone_exits', grid)
         tlog.write_png(os.path.join(workdir, 'samples', f'{stage}_{step:07d}.png'), grid)
       if write_ckpt:

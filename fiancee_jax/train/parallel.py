@@ -99,11 +99,14 @@ class DataParallel:
     stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), state)
     return self._bcast(stacked)
 
+  def one_copy(self, state: PyTree) -> PyTree:
+    """Replicated device state -> one copy, left on the device (e.g. large frozen arrays
+    a sampler reads, without a host round trip)."""
+    return jax.tree.map(lambda x: x[0], state) if self.mode == 'pmap' else state
+
   def get_state(self, state: PyTree) -> PyTree:
     """Replicated device state -> host numpy pytree (one copy)."""
-    if self.mode == 'pmap':
-      state = jax.tree.map(lambda x: x[0], state)
-    return jax.device_get(state)
+    return jax.device_get(self.one_copy(state))
 
   def put_batch(self, batch: PyTree) -> PyTree:
     """This process's share of the global batch (numpy) -> the per-device layout."""
