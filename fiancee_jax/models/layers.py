@@ -97,8 +97,9 @@ def _l2_normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 # Maps of at most this many pixels are convolved as im2col + matmul: XLA:CPU's convolution
-# is ~30x slower on them (measured, batch 30: 3x3 256->256 on 2x4 maps 56.7 ms vs 1.9 ms;
-# from 4x8 up the convolution is as fast or faster). Same sums, other order.
+# is 30-45x slower on them (`bench/xla_cpu_paths.py`, batch 30, 3x3 256->256: 2x4 maps 93 ms
+# conv vs 2.1 ms; 4x8 maps 5.0 ms conv vs 9.7 ms im2col, so those keep the conv). Same sums,
+# other order.
 SMALL_MAP_PIXELS = 8
 
 

@@ -72,10 +72,9 @@ def adam(lr: float | optax.Schedule, b1: float, b2: float,
 def per_copy(fn: Callable[..., Any], *stacked: PyTree) -> Any:
   """`fn` over the leading axis of stacked pytrees (one discriminator copy per exit), one copy
   after the other, unrolled; outputs stacked again. Not `vmap`: batching over conv *weights*
-  turns every conv into a grouped convolution, which XLA:CPU runs ~20x slower (measured: fwd +
-  bwd of 4 OASIS discriminator copies on 4 x 64x128 images, 12.2 s vmapped vs 0.61 s one by
-  one). Not `lax.map` either: inside its loop XLA:CPU computed the weight gradients ~29x
-  slower (the branch step's three discriminator passes: 9.4 s vs 0.33 s unrolled)."""
+  turns every conv into a grouped convolution, and XLA:CPU is ~20x slower on those; nor
+  `lax.map`, whose weight gradients inside the loop were as slow (`bench/xla_cpu_paths.py`:
+  fwd + bwd of 4 OASIS discriminator copies, 10.9 s vmapped, 13.1 s lax.map, 0.57 s unrolled)."""
   n = jax.tree.leaves(stacked)[0].shape[0]
   outs = [fn(*jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(n)]
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
