@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+from fiancee_jax.errors import FianceeError
 
 FORMAT_VERSION = 1
 _KEYS, _VALUES, _CLASSES, _MANIFEST, _FAISS_DIR = (
@@ -61,7 +62,7 @@ _KEYS, _VALUES, _CLASSES, _MANIFEST, _FAISS_DIR = (
 EXPECT_FIELDS = ('config_hash', 'backbone_step', 'key_dim', 'value_shape', 'grid', 'num_classes')
 
 
-class BankError(ValueError):
+class BankError(FianceeError):
   """A bank that is missing, corrupt, or built for another model."""
 
 

@@ -13,12 +13,13 @@ import os
 from typing import Any, Sequence
 
 import ml_collections
+from fiancee_jax.errors import FianceeError
 
 # Cityscapes: 34 label ids (0..33) + 'unknown' -> 35 semantic channels (OASIS semantic_nc).
 CITYSCAPES_NUM_CLASSES = 35
 
 
-class ConfigError(ValueError):
+class ConfigError(FianceeError):
   """A config with unknown keys or impossible values."""
 
 

@@ -33,13 +33,14 @@ from fiancee_jax import bank as bank_lib
 from fiancee_jax import config as cfg
 from fiancee_jax.models import branches as branches_lib
 from fiancee_jax.models import oasis
+from fiancee_jax.errors import FianceeError
 
 PyTree = Any
 STAGES = ('backbone', 'bank', 'branches', 'predictor')
 SCALE_FACTORS = (1 / 2, 1 / 3, 1 / 4)   # Table 1 / Table S8 rows
 
 
-class PipelineError(ValueError):
+class PipelineError(FianceeError):
   """A stage of the pipeline is missing or does not fit the config."""
 
 

@@ -39,12 +39,13 @@ import numpy as np
 from fiancee_jax import config as cfg
 from fiancee_jax import routing
 from fiancee_jax.train import predictor as tp
+from fiancee_jax.errors import FianceeError
 
 PyTree = Any
 TARGET_LPIPS = 0.1   # the headline quality (issue: mean LPIPS <= 0.1)
 
 
-class InferError(ValueError):
+class InferError(FianceeError):
   """Bad user input to inference: one clear message."""
 
 

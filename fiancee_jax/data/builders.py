@@ -23,13 +23,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from fiancee_jax.data import common, heads, streets
+from fiancee_jax.errors import FianceeError
 
 SPLITS = ('train', 'validation', 'test')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
 VIDEO_EXTS = ('.mp4', '.avi', '.mov', '.mkv', '.webm')
 
 
-class DataError(ValueError):
+class DataError(FianceeError):
   """Missing, incomplete or unreadable dataset input (names the path and what was expected)."""
 
 

@@ -13,9 +13,10 @@ import concurrent.futures
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
+from fiancee_jax.errors import FianceeError
 
 
-class LoaderError(ValueError):
+class LoaderError(FianceeError):
   """Impossible loader settings or a saved state that does not fit this loader."""
 
 

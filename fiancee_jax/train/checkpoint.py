@@ -18,6 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from fiancee_jax import config as cfg
+from fiancee_jax.errors import FianceeError
 
 PyTree = Any
 
@@ -29,7 +30,7 @@ STAGE_HASH_SECTIONS = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FianceeError):
   """A missing, corrupt or incompatible checkpoint."""
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiancee_jax.models import discriminators, oasis
+from fiancee_jax.errors import FianceeError
 
 _CONV = re.compile(r'^(fc|conv_img)\.(weight|bias)$')
 _BLOCK_CONV = re.compile(r'^body\.(\d+)\.(conv_0|conv_1|conv_s)\.(weight_orig|bias|weight_u|weight_v)$')
@@ -43,7 +44,7 @@ _NORM_CONV = re.compile(r'^body\.(\d+)\.(norm_0|norm_1|norm_s)\.(mlp_shared\.0|m
                         r'\.(weight|bias)$')
 
 
-class ConversionError(ValueError):
+class ConversionError(FianceeError):
   """The checkpoint does not fit the generator the config describes."""
 
 
