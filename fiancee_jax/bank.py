@@ -394,6 +394,45 @@ def retrieve(bank: Bank, queries: jax.Array, classes: jax.Array | None = None,
 
 # --------------------------------------------------------------------------- build
 
+class FixedChunks:
+  """Re-cut a stream of input batches into chunks of exactly `size` rows, for a bank build.
+
+  `batches` yields tuples of arrays with one leading dim, of any length (the caller's read
+  batch); every chunk has `size` rows (the last one padded by repeating its last row) and comes
+  with the number of real rows. Input i is row i % size of a backbone call of one compiled
+  shape, whatever the read batch was, so the features, and the bank files, do not depend on
+  the caller's batch size (`tests/test_build_bank.py` checks equal sha256). Sized when
+  `num_inputs` is given (progress bars)."""
+
+  def __init__(self, batches: Iterable[tuple[np.ndarray, ...]], size: int,
+               num_inputs: int | None = None):
+    if size <= 0:
+      raise BankError(f'compute batch {size}: expected > 0')
+    self.batches, self.size, self.num_inputs = batches, int(size), num_inputs
+
+  def __len__(self) -> int:
+    if self.num_inputs is None:
+      raise TypeError('FixedChunks without num_inputs has no length')
+    return -(-self.num_inputs // self.size)
+
+  def __iter__(self):
+    held: list[tuple[np.ndarray, ...]] = []
+    count = 0
+    for batch in self.batches:
+      batch = tuple(np.asarray(a) for a in batch)
+      held.append(batch)
+      count += len(batch[0])
+      while count >= self.size:
+        whole = tuple(np.concatenate(parts) for parts in zip(*held))
+        yield tuple(a[:self.size] for a in whole), self.size
+        rest = tuple(a[self.size:] for a in whole)
+        held, count = ([rest] if len(rest[0]) else []), len(rest[0])
+    if count:
+      whole = tuple(np.concatenate(parts) for parts in zip(*held))
+      pad = self.size - count
+      yield tuple(np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in whole), count
+
+
 def _import_faiss():
   try:
     import faiss  # noqa: PLC0415

@@ -72,6 +72,9 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   c.bank = ml_collections.ConfigDict()
   c.bank.backend = 'device'      # 'device' (matmul + masked argmin) | 'faiss' (pure_callback)
   c.bank.max_per_class = 5000    # FPS cap per class (paper 5000)
+  # Inputs per backbone call while building a bank: a fixed compiled shape, so the bank's bits
+  # depend on this and on the CPU/GPU kernels, never on build_bank.py's --batch_size.
+  c.bank.compute_batch = 8
 
   c.predictor = ml_collections.ConfigDict()
   c.predictor.num_noises = 100   # K fixed noises / driver frames per input (paper 100)
@@ -235,6 +238,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.bank.backend in ('device', 'faiss'),
        f"bank.backend={config.bank.backend!r}: expected 'device' or 'faiss'")
   need(config.bank.max_per_class > 0, 'bank.max_per_class must be > 0')
+  need(config.bank.compute_batch > 0,
+       f'bank.compute_batch={config.bank.compute_batch}: expected > 0')
   need(0 < config.routing.alpha < 1, f'routing.alpha={config.routing.alpha}: expected in (0, 1)')
   need(0 < config.routing.calibration_fraction < 1,
        'routing.calibration_fraction: expected in (0, 1)')

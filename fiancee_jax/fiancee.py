@@ -529,7 +529,7 @@ def _bank_meta(config, noises: np.ndarray, map_ids: np.ndarray) -> dict:
   return {'num_maps': int(config.bank.num_maps), 'num_noises': int(config.bank.num_noises),
           'max_per_class': int(config.bank.max_per_class), 'seed': int(config.seed),
           'noise_tag': NOISE_TAG, 'map_ids': [int(i) for i in map_ids],
-          'noises': noises.tolist()}
+          'noises': noises.tolist(), 'compute_batch': int(config.bank.compute_batch)}
 
 
 def _write_noises(path: str, noises: np.ndarray) -> None:
@@ -609,34 +609,23 @@ def build_bank(config, workdir: str, *, force: bool = False, batch_size: int = 1
   fn = _bank_feature_fn(gen, b.key_block, b.value_block)
   nc = config.data.num_classes
   pairs = [(int(m), j) for m in map_ids for j in range(b.num_noises)]
-  starts = list(range(0, len(pairs), batch_size))
 
-  class _Batches:  # sized iterable: the builder shows a progress bar with a total
-    def __len__(self):
-      return len(starts)
+  def read_batches():  # host reads of batch_size inputs; a label map is decoded once
+    cache = {}
+    for s in range(0, len(pairs), batch_size):
+      chunk = pairs[s:s + batch_size]
+      cache = {m: cache[m] if m in cache else np.asarray(src[m]['label'], np.int32)
+               for m in dict.fromkeys(m for m, _ in chunk)}
+      yield np.stack([cache[m] for m, _ in chunk]), noises[[j for _, j in chunk]]
 
-    def __iter__(self):
-      cache = {}
-      for s in starts:
-        chunk = pairs[s:s + batch_size]
-        cache = {m: cache[m] if m in cache else np.asarray(src[m]['label'], np.int32)
-                 for m in dict.fromkeys(m for m, _ in chunk)}
-        labels = np.stack([cache[m] for m, _ in chunk])
-        z = noises[[j for _, j in chunk]]
-        yield labels, z
-
-  def feature_fn(batch):
-    labels, z = batch
-    n = labels.shape[0]
-    pad = batch_size - n  # one compiled shape: pad the last batch, drop the padding after
-    if pad:
-      labels = np.concatenate([labels, np.repeat(labels[-1:], pad, 0)])
-      z = np.concatenate([z, np.repeat(z[-1:], pad, 0)])
+  def feature_fn(chunk):  # one compiled shape (bank.compute_batch), padding dropped
+    (labels, z), n = chunk
     seg = jax.nn.one_hot(labels, nc, dtype=jnp.float32)
     keys, values, classes = fn(gen_vars, seg, z)
     return (np.asarray(keys)[:n], np.asarray(values)[:n], np.asarray(classes)[:n])
 
-  manifest = bank_lib.build(feature_fn, _Batches(), path, max_per_class=b.max_per_class,
+  chunks = bank_lib.FixedChunks(read_batches(), b.compute_batch, num_inputs=len(pairs))
+  manifest = bank_lib.build(feature_fn, chunks, path, max_per_class=b.max_per_class,
                             num_classes=nc, backbone_step=step,
                             config_hash=cfg.config_hash(config),
                             meta=_bank_meta(config, noises, map_ids), progress=progress)

@@ -306,18 +306,20 @@ def build_bank(config, workdir: str, *, force: bool = False, batch_size: int = 1
       continue
     frames, meta = identity_frames(config, data_dir, ident, index)
 
-    def feature_fn(batch, n_pad=batch_size):
-      n = batch.shape[0]
+    def feature_fn(chunk):  # one compiled shape (bank.compute_batch), padding dropped
+      (batch,), n = chunk
       x = np.asarray(batch, np.float32) / 127.5 - 1.0
-      padded = np.concatenate([x, np.repeat(x[-1:], n_pad - n, 0)]) if n < n_pad else x
-      keys = np.asarray(fn(gen_vars, padded))[:n]  # one compiled shape: pad the last batch
-      return keys[:, None, None, :], x, None
+      keys = np.asarray(fn(gen_vars, x))[:n]
+      return keys[:, None, None, :], x[:n], None
 
-    chunks = [frames[s:s + batch_size] for s in range(0, len(frames), batch_size)]
+    chunks = bank_lib.FixedChunks(
+        ((frames[s:s + batch_size],) for s in range(0, len(frames), batch_size)),
+        config.bank.compute_batch, num_inputs=len(frames))
     out[ident] = bank_lib.build(
         feature_fn, chunks, path, max_per_class=int(config.bank.frames_per_identity),
         num_classes=1, backbone_step=step, config_hash=cfg.config_hash(config),
-        meta=_bank_meta(config, ident, meta), progress=False)
+        meta={**_bank_meta(config, ident, meta),
+              'compute_batch': int(config.bank.compute_batch)}, progress=False)
     built += 1
   print(f'[bank] {fiancee.bank_dir(workdir)}: {built} frame banks built, {len(ids) - built} up '
         f'to date ({len(ids)} identities x <= {config.bank.frames_per_identity} frames), '

@@ -280,3 +280,25 @@ def test_head_avatar_bank_without_classes(tmp_path):
   np.testing.assert_array_equal(np.asarray(got)[0], frames[1][2])
   np.testing.assert_array_equal(np.asarray(bk.retrieve(bank, jnp.asarray(q), backend='faiss')),
                                 np.asarray(got))
+
+
+@pytest.mark.parametrize('read', [1, 3, 4, 7, 10])
+def test_fixed_chunks_place_input_i_at_row_i_mod_size(read):
+  """Whatever the read batch, input i is row i % size of a chunk of exactly `size` rows; the
+  tail is padded with its last row and the real count is given (the bank's bits then do not
+  depend on build_bank.py's --batch_size)."""
+  n, size = 10, 4
+  ids = np.arange(n)
+  feats = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+  chunks = bk.FixedChunks(((ids[s:s + read], feats[s:s + read]) for s in range(0, n, read)),
+                          size, num_inputs=n)
+  got = list(chunks)
+  assert len(chunks) == len(got) == 3
+  assert [k for _, k in got] == [4, 4, 2]
+  for j, ((i, f), k) in enumerate(got):
+    assert i.shape == (size,) and f.shape == (size, 2)
+    np.testing.assert_array_equal(i[:k], ids[j * size:j * size + k])
+    np.testing.assert_array_equal(f[:k], feats[j * size:j * size + k])
+  np.testing.assert_array_equal(got[-1][0][0][2:], [9, 9])   # padding repeats the last row
+  with pytest.raises(bk.BankError, match='compute batch 0'):
+    bk.FixedChunks([], 0)

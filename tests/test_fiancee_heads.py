@@ -71,9 +71,10 @@ def test_build_frame_banks_layout_skip_force(tmp_path_factory, capsys):
   fiancee.build_bank(c, wd, progress=False)
   assert '0 frame banks built, 5 up to date' in capsys.readouterr().out
   assert os.stat(mf).st_mtime_ns == before
-  fiancee_heads.build_bank(c, wd, force=True, progress=False, identities=[3])
+  m8 = fiancee_heads.build_bank(c, wd, force=True, batch_size=8, progress=False,
+                                identities=[3])[3]
   assert os.stat(mf).st_mtime_ns != before
-  np.testing.assert_array_equal(fiancee_heads.load_bank(c, wd, 3).keys, bank.keys)
+  assert m8['files'] == m['files']   # read batch 3 vs 8: the same bits (sha256 per file)
 
 
 def _brute_force(keys, key_cls, queries, q_cls):
