@@ -45,7 +45,6 @@ import os
 import pathlib
 import shutil
 import time
-import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -54,6 +53,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 from fiancee_jax.errors import FianceeError
+from fiancee_jax.io_utils import remove_stale, temp_path
 
 FORMAT_VERSION = 1
 _KEYS, _VALUES, _CLASSES, _MANIFEST, _FAISS_DIR = (
@@ -492,7 +492,8 @@ def build(feature_fn: Callable[[Any], tuple[Any, Any, Any]], inputs: Iterable[An
   int or None)`; value_map is cut into (ph, pw, C) patches on the key grid. `num_classes`:
   class ids must lie in [0, num_classes) (None: one class if classes are None, else max+1).
   Memory: per class a pool of pool_factor * max_per_class rows on disk (see the module doc).
-  Writes `path` atomically (an existing bank survives a failing build); returns the manifest.
+  Writes `path` atomically (an existing bank survives a failing or killed build; the next
+  build removes what a killed one left); returns the manifest.
   """
   if max_per_class <= 0:
     raise BankError(f'max_per_class={max_per_class}: expected > 0')
@@ -500,7 +501,8 @@ def build(feature_fn: Callable[[Any], tuple[Any, Any, Any]], inputs: Iterable[An
     raise BankError(f'pool_factor={pool_factor}: expected >= 2')
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  remove_stale(path)  # temporary folders of a killed build (one printed line)
+  tmp = pathlib.Path(temp_path(path))
   tmp.mkdir()
   try:
     manifest = _build_into(tmp, feature_fn, inputs, max_per_class=max_per_class,
@@ -509,7 +511,7 @@ def build(feature_fn: Callable[[Any], tuple[Any, Any, Any]], inputs: Iterable[An
                            progress=progress)
     old = None
     if path.exists():
-      old = path.parent / f'.{path.name}.old-{uuid.uuid4().hex[:8]}'
+      old = pathlib.Path(temp_path(path))  # a kill after this swap: no bank (rebuilt)
       os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:

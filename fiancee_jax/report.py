@@ -4,8 +4,11 @@ plus what the paper does not show: the realised violation rate, and measured wal
 latency of every route and of routed batched inference.
 
 `write(out_dir, result)` takes the dict built by `infer_lib.sweep` (its 'kind': 'oasis' or
-'heads' picks the figure names and the wording) and writes, atomically: report.md,
-summary.json, sweep.json and the figures (`figures(kind)`) into `out_dir`.
+'heads' picks the figure names and the wording) and writes report.md, summary.json,
+sweep.json and the figures (`figures(kind)`) into `out_dir`, each file atomically
+(`io_utils.atomic_write`). summary.json is removed first and written last: when it exists,
+every other file is complete and from the same sweep (a killed write leaves no summary.json,
+and `make demo` reruns the sweep).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from fiancee_jax.io_utils import atomic_write
 
 # Figure files by role; the paper numbers them differently for the two backbones.
 _FIGURE_NAMES = {
@@ -59,20 +64,12 @@ FIGURES = figures('oasis')
 HEADS_FIGURES = figures('heads')
 
 
-def _atomic_bytes(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _save(fig, path: str) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
   plt.close(fig)
-  _atomic_bytes(path, buf.getvalue())
+  atomic_write(path, buf.getvalue())
 
 
 def _plt():
@@ -426,10 +423,13 @@ def _jsonable(x: Any) -> Any:
 
 
 def write(out_dir: str, res: dict[str, Any]) -> dict[str, str]:
-  """Write every figure, report.md and summary.json (+ sweep.json with all rows)."""
+  """Write every figure, report.md and summary.json (+ sweep.json with all rows).
+  summary.json goes first and comes back last (the report's completion mark)."""
   kind = _kind(res)
   os.makedirs(out_dir, exist_ok=True)
   p = lambda name: os.path.join(out_dir, name)
+  if os.path.exists(p('summary.json')):
+    os.remove(p('summary.json'))
   makers = {'exits_gmacs': fig3, 'quality_compute': fig4, 'lpips_per_exit': fig8,
             'single_vs_routed': fig9, 'rotation': fig10_rotation, 'key_angle': fig10_key_angle,
             'violation': fig_violation, 'latency': fig_latency, 'samples': samples_png}
@@ -437,10 +437,10 @@ def write(out_dir: str, res: dict[str, Any]) -> dict[str, str]:
     makers[role](p(name), res)
   report = p('report.md')
   summary = dict(res['summary'], report=report)
-  _atomic_bytes(p('sweep.json'), json.dumps(_jsonable(
+  atomic_write(p('sweep.json'), json.dumps(_jsonable(
       {'rows': res['rows'], 'latency': res['latency'], 'costs': res['costs'],
-       'exits': res['exits'], 'rotation': res.get('rotation')}), indent=1).encode())
-  _atomic_bytes(p('summary.json'), json.dumps(_jsonable(summary), indent=1).encode())
-  _atomic_bytes(report, markdown(res).encode())
+       'exits': res['exits'], 'rotation': res.get('rotation')}), indent=1))
+  atomic_write(report, markdown(res))
+  atomic_write(p('summary.json'), json.dumps(_jsonable(summary), indent=1))
   return {'report': report, 'summary': p('summary.json'),
           **{name: p(name) for name in figures(kind)}}

@@ -22,15 +22,11 @@ def _builder(data_config: Any, data_dir: str):
 
 
 def prepare(data_config: Any, data_dir: str) -> pathlib.Path:
-  """Write every split of `data_config` as array_record under `data_dir` unless already
-  there (tfds writes into a temporary folder and renames it: a crash leaves no half dataset).
-  Returns the prepared folder `<data_dir>/<name>/<config>/<version>`."""
-  import tensorflow_datasets as tfds
-  b = _builder(data_config, data_dir)
-  if not b.is_prepared():
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  return pathlib.Path(str(b.data_dir))
+  """Write every split of `data_config` as array_record under `data_dir` unless a complete
+  copy is there (kill-safe: what a killed prepare left is removed and built again,
+  `builders.prepare`). Returns the prepared folder `<data_dir>/<name>/<config>/<version>`."""
+  from fiancee_jax.data import builders
+  return builders.prepare(data_config, str(data_dir))
 
 
 def source(data_config: Any, split: str, data_dir: str, *, prepare_if_missing: bool = True):
@@ -38,7 +34,7 @@ def source(data_config: Any, split: str, data_dir: str, *, prepare_if_missing: b
   from fiancee_jax.data import builders
   from fiancee_jax.data.sources import Source
   b = _builder(data_config, data_dir)
-  if not b.is_prepared():
+  if builders.missing(b) is not None:
     if not prepare_if_missing:
       raise builders.DataError(f'{b.name} is not prepared under {data_dir!r}: run '
                                'fiancee_jax.data.prepare(config.data, data_dir) first')

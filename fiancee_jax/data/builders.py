@@ -8,15 +8,23 @@ clash with tfds' own `cityscapes`); `fiancee_jax.data.source` reads them with
 
 Images (and label maps / masks as 1-channel images) are stored as PNG bytes encoded with
 Pillow; reading decodes with Pillow. Neither needs TensorFlow.
+
+`prepare` is kill-safe: tfds writes every split and dataset_info.json into
+`<config>/incomplete.XXXXXX_<version>/` and renames it to `<version>/` at the end, so a killed
+prepare never leaves a dataset under the version name. Under a lock (flock, released when its
+holder dies) the next prepare removes such leftovers and any version folder that is not a
+complete dataset (`missing`), each with one printed line, and builds it again.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import os
 import pathlib
+import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -426,3 +434,50 @@ def make_builder(data_config: Any, data_dir: str) -> _Builder:
                                           frames_per_video=fpv),
                        data_dir=data_dir, manual_dir=manual)
   raise DataError(f'data.name={name!r}: expected one of {NAMES}')
+
+
+# --- prepare (kill-safe) ------------------------------------------------------------------
+
+def missing(builder: _Builder) -> str | None:
+  """None if the builder's version folder holds a complete dataset (dataset_info.json,
+  features.json and every split's record files), else what is missing."""
+  path = pathlib.Path(str(builder.data_path))
+  if not path.is_dir():
+    return 'not prepared yet'
+  if not builder.is_prepared():
+    return f'{path} has no dataset_info.json / features.json'
+  for name, split in builder.info.splits.items():
+    absent = [os.path.basename(str(f)) for f in split.filepaths if not os.path.isfile(str(f))]
+    if absent:
+      return f'{path}: split {name!r} lacks {", ".join(absent)}'
+  return None
+
+
+def prepare(data_config: Any, data_dir: str) -> pathlib.Path:
+  """Write every split of `data_config` as array_record under `data_dir` unless a complete
+  copy is there; returns `<data_dir>/<name>/<config>/<version>` (see the module doc)."""
+  from tensorflow_datasets.core import constants  # noqa: PLC0415
+  b = make_builder(data_config, data_dir)
+  if missing(b) is None:
+    return pathlib.Path(str(b.data_path))
+  version_dir = pathlib.Path(str(b.data_path))
+  version_dir.parent.mkdir(parents=True, exist_ok=True)
+  with open(version_dir.parent / '.prepare.lock', 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one preparer per config; a concurrent one waits
+    leftovers = sorted(version_dir.parent.glob(
+        f'{constants.INCOMPLETE_PREFIX}*_{version_dir.name}'))
+    for d in leftovers:
+      shutil.rmtree(d, ignore_errors=True)
+    if leftovers:
+      print(f'[data] removed {", ".join(d.name for d in leftovers)} in {version_dir.parent} '
+            '(a prepare killed before it finished); preparing again', flush=True)
+    b = make_builder(data_config, data_dir)  # what the lock holder before us may have written
+    why = missing(b)
+    if why is not None and version_dir.exists():
+      print(f'[data] {why}: removing it and preparing again', flush=True)
+      shutil.rmtree(version_dir)
+      b = make_builder(data_config, data_dir)
+    if why is not None:
+      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  return version_dir

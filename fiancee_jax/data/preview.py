@@ -5,13 +5,13 @@ prepared); cityscapes / video_frames are read through `prepare` + `source`."""
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from fiancee_jax.data import common, heads, streets
+from fiancee_jax.io_utils import atomic_open
 
 
 def streets_grid(n: int, height: int, width: int, seed: int = 0, split: str = 'train'
@@ -74,9 +74,8 @@ def main(argv=None) -> None:
   else:
     grid = dataset_grid(a.dataset, a.manual_dir, a.height or 256, a.width or 512, a.num)
   out = a.out or f'{a.dataset}.png'
-  tmp = f'{out}.tmp.png'
-  Image.fromarray(grid).save(tmp)
-  os.replace(tmp, out)                            # atomic write
+  with atomic_open(out) as f:
+    Image.fromarray(grid).save(f, format='PNG')
   print(f'wrote {out} ({grid.shape[1]}x{grid.shape[0]})')
 
 

@@ -13,7 +13,6 @@ quantisation) -> x * 255/128 - 1. Features: the 2048-d pool3 vector.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Iterable
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from fiancee_jax.io_utils import atomic_open
 from fiancee_jax.weights import inception as inception_weights
 
 SIZE = 299
@@ -315,15 +315,6 @@ def reference_stats(images_iter: Iterable[Any], cache_path: str | os.PathLike,
     except Exception as e:  # noqa: BLE001
       raise ValueError(f'FID reference cache {cache_path} is unreadable ({e}); delete it to rebuild') from e
   mu, sigma, n = compute_stats(images_iter, inception)
-  d = os.path.dirname(cache_path) or '.'
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, suffix='.npz.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, mu=mu, sigma=sigma, n=n)
-    os.replace(tmp, cache_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_open(cache_path) as f:
+    np.savez(f, mu=mu, sigma=sigma, n=n)
   return mu, sigma

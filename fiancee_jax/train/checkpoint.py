@@ -1,7 +1,11 @@
 """Orbax checkpoints: the one checkpoint loader every stage uses.
 
 Layout: `<workdir>/checkpoints/<stage>/<step>/{state, meta}` written by an orbax
-`CheckpointManager` (atomic: orbax writes a temporary folder and renames it; keep-last-K).
+`CheckpointManager` (atomic: orbax writes `<step>.orbax-checkpoint-tmp-<time>/` and renames it
+to `<step>/` when complete; keep-last-K). A save killed part-way leaves only that temporary
+folder: no reader sees it as a step (`latest_step` lists finished steps), and the next
+writable `Checkpointer` of the stage removes it with one printed line, so a rerun resumes from
+the last finished step.
 'state' is the stage's train-state pytree (StandardSave), 'meta' a JSON dict:
   stage, step, config_hash (of the sections that fix the state's shapes), model_hash (of
   config.model + data shape: what a later stage checks), data (the loader's position),
@@ -11,6 +15,7 @@ A checkpoint written for another config is refused with one clear error.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -38,6 +43,27 @@ def checkpoint_dir(workdir: str, stage: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints', stage)
 
 
+def finished_steps(workdir: str, stage: str) -> list[int]:
+  """The finished checkpoint steps of `stage` in `workdir`, ascending (orbax's temporary
+  folders of unfinished saves are not steps)."""
+  d = checkpoint_dir(workdir, stage)
+  names = os.listdir(d) if os.path.isdir(d) else []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+
+
+def remove_unfinished(directory: str) -> list[str]:
+  """Remove the temporary folders of saves that were killed before orbax finalised them
+  (says so in one line); returns their names."""
+  names = sorted(n for n in (os.listdir(directory) if os.path.isdir(directory) else [])
+                 if ocp.path.step.TMP_DIR_SUFFIX in n)
+  for n in names:
+    shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+  if names:
+    print(f'[checkpoint] {directory}: removed {", ".join(names)} (a save killed before orbax '
+          'finished it; never loaded)', flush=True)
+  return names
+
+
 def stage_hash(config: ml_collections.ConfigDict, stage: str) -> str:
   return cfg.config_hash(config, STAGE_HASH_SECTIONS.get(stage, ('model',)))
 
@@ -52,6 +78,8 @@ class Checkpointer:
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f'no {stage} checkpoint in {workdir}: {self.directory} does not '
                             'exist (run that stage first)')
+    if not read_only:
+      remove_unfinished(self.directory)
     # read_only: never creates or deletes (orbax's own read_only flag only logs warnings).
     options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
                                            create=not read_only)

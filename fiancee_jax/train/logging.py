@@ -6,7 +6,6 @@ TensorBoard event files are written with tensorboardX (no TensorFlow needed):
 """
 from __future__ import annotations
 
-import io
 import os
 import time
 from typing import Mapping
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from fiancee_jax.data.common import colorize
+from fiancee_jax.io_utils import atomic_open
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -111,11 +111,6 @@ def image_grid(*images: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-  """Atomic PNG write (tmp + rename)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  buf = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(image)).save(buf, format='PNG')
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, path)
+  """Atomic PNG write (`io_utils.atomic_open`)."""
+  with atomic_open(path) as f:
+    Image.fromarray(np.ascontiguousarray(image)).save(f, format='PNG')

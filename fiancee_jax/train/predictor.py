@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import os
 import time
@@ -47,6 +46,7 @@ import optax
 
 from fiancee_jax import config as cfg
 from fiancee_jax import routing
+from fiancee_jax.io_utils import atomic_open, atomic_write
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.models import predictor as predictor_lib
 from fiancee_jax.train import checkpoint, parallel
@@ -190,9 +190,8 @@ def _fingerprint(config, workdir, split, *arrays: np.ndarray) -> str:
   for a in arrays:
     h.update(np.ascontiguousarray(a).tobytes())
   for stage in ('backbone', 'branches'):  # rows depend on the trained weights
-    d = checkpoint.checkpoint_dir(workdir, stage)
-    steps = sorted(os.listdir(d)) if os.path.isdir(d) else []
-    h.update(f'{stage}:{steps[-1:] }'.encode())
+    steps = [str(s) for s in checkpoint.finished_steps(workdir, stage)]  # not orbax tmp dirs
+    h.update(f'{stage}:{steps[-1:]}'.encode())
   bank = os.path.join(os.path.abspath(workdir), 'bank')
   manifests = [os.path.join(bank, 'manifest.json')]
   if not os.path.exists(manifests[0]) and os.path.isdir(bank):
@@ -205,13 +204,8 @@ def _fingerprint(config, workdir, split, *arrays: np.ndarray) -> str:
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, path)
+  with atomic_open(path) as f:
+    np.savez(f, **arrays)
 
 
 def dataset(config: ml_collections.ConfigDict, workdir: str, split: str, pipeline: Any = None,
@@ -433,11 +427,7 @@ def evaluate(config, workdir, model, params, rows_by_split: dict[str, dict]) -> 
     out[split] = {'rel_error': rel.tolist(), 'mean_rel_error': float(rel.mean()),
                   'mae': np.mean(np.abs(pred - rows['targets']), 0).tolist(),
                   'mean_true': np.mean(rows['targets'], 0).tolist(), 'rows': int(len(pred))}
-  path = os.path.join(stage_dir(workdir), 'eval.json')
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(out, f, indent=1)
-  os.replace(tmp, path)
+  atomic_write(os.path.join(stage_dir(workdir), 'eval.json'), json.dumps(out, indent=1))
   return out
 
 
