@@ -41,8 +41,10 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m fiancee_jax.demo --config $(CONFIG) --workdir $(WORKDIR) \
 	  $(if $(BACKBONE_FROM),--backbone_from $(BACKBONE_FROM))
 
+# Two workers by default (one per core here); each test module stays on one worker.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Standalone benchmarks (bench/exit_quality.py needs a trained workdir: see its docstring).
 bench: $(BIN)/.installed-dev
