@@ -8,8 +8,13 @@ classes, FAISS indices, the K fixed noises, manifest). Head avatars: one frame b
 identity of the data, <workdir>/bank/<identity> (fiancee_jax/fiancee_heads.py). An up-to-date
 bank is kept unless --force.
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
+
+from fiancee_jax import cli
+from fiancee_jax.errors import FianceeError
 
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
 flags.DEFINE_string('workdir', None, 'experiment directory (holds the backbone checkpoint)')
@@ -20,15 +25,15 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  del argv
-  from fiancee_jax import bank, fiancee
-  from fiancee_jax.config import ConfigError
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from fiancee_jax import fiancee
   try:
     fiancee.build_bank(FLAGS.config, FLAGS.workdir, force=FLAGS.force,
                        batch_size=FLAGS.batch_size)
-  except (fiancee.PipelineError, bank.BankError, ConfigError) as e:
-    raise SystemExit(f'build_bank.py: {e}') from None
+  except FianceeError as e:  # bad input (config, workdir, checkpoint, bank, data): one line
+    sys.exit(f'build_bank.py: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('build_bank.py'))

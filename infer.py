@@ -24,6 +24,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from fiancee_jax import cli
+from fiancee_jax.errors import FianceeError
+
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Workdir holding the trained stages.')
 flags.DEFINE_string('label', None, 'Label-id PNG (single channel, class ids).')
@@ -36,7 +39,7 @@ flags.DEFINE_integer('driver_index', None, 'Head avatars: driver = example N of 
 flags.DEFINE_integer('identity', None, 'Head avatars: identity whose frame bank guides a '
                      '--source file.')
 flags.DEFINE_integer('noise_seed', 0, 'Seed of the noise z.')
-flags.DEFINE_string('threshold', '0.1', 'LPIPS threshold (> 0).')
+flags.DEFINE_string('threshold', '0.1', 'LPIPS threshold, in (0, 1].')
 flags.DEFINE_float('offset', 0.0, 'Conformal offset added to predictions (0 = paper rule).')
 flags.DEFINE_bool('verify', False, 'Also compute the true LPIPS against the backbone image.')
 flags.DEFINE_string('out', None, 'Output PNG path for one input.')
@@ -53,7 +56,7 @@ def main(argv):
   from fiancee_jax import infer_lib
   try:
     if FLAGS.sweep:
-      ts = None if FLAGS.thresholds is None else [infer_lib.check_threshold(t)
+      ts = None if FLAGS.thresholds is None else [infer_lib.check_threshold(t, 'thresholds')
                                                    for t in FLAGS.thresholds]
       summary = infer_lib.sweep(FLAGS.config, FLAGS.workdir, thresholds=ts,
                                 repeats=FLAGS.repeats)
@@ -68,14 +71,8 @@ def main(argv):
                                 source_index=FLAGS.source_index,
                                 driver_index=FLAGS.driver_index, identity=FLAGS.identity)
     print(json.dumps(info))
-  except (infer_lib.InferError, FileNotFoundError) as e:
+  except (FianceeError, FileNotFoundError) as e:  # bad input, missing weight files: one line
     sys.exit(f'infer.py: {e}')
-  except ValueError as e:  # stage loaders raise ValueError subclasses (CheckpointError, ...)
-    if type(e).__name__ in ('CheckpointError', 'BankError', 'PipelineError', 'DataError',
-                            'ConfigError'):
-      sys.exit(f'infer.py: {e}')
-    raise
-
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('infer.py'))

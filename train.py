@@ -12,6 +12,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from fiancee_jax import cli
+from fiancee_jax.errors import FianceeError
+
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go.')
 flags.DEFINE_enum('stage', 'backbone', ['backbone', 'branches', 'predictor'], 'Stage to train.')
@@ -24,16 +27,17 @@ def main(argv):
   from fiancee_jax.train import parallel
   parallel.maybe_initialize_distributed()
   import importlib
-  from fiancee_jax import bank, config as fconfig, fiancee
-  from fiancee_jax.train import checkpoint
+  from fiancee_jax import config as fconfig, data
   stage = importlib.import_module(f'fiancee_jax.train.{FLAGS.stage}')
   try:
     fconfig.validate(FLAGS.config)
+    # The data first (idempotent; every stage reads it): a missing or incomplete download
+    # fails here, before the stage creates anything in the workdir.
+    data.prepare(FLAGS.config.data, fconfig.data_dir(FLAGS.config, FLAGS.workdir))
     stage.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (checkpoint.CheckpointError, fconfig.ConfigError, fiancee.PipelineError,
-          bank.BankError, FileNotFoundError) as e:
-    sys.exit(f'train.py: {e}')  # one clear message, no traceback
+  except (FianceeError, FileNotFoundError) as e:  # bad input, missing weight files: one line
+    sys.exit(f'train.py: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('train.py'))

@@ -292,8 +292,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where the stages read prepared datasets: data.data_dir, else <workdir>/../data (so the
-  runs of one machine share one prepared copy)."""
-  return config.data.data_dir or os.path.join(os.path.abspath(workdir), '..', 'data')
+  runs of one machine share one prepared copy). The parent is taken from the path, so a
+  workdir that does not exist yet is not created on the way to it."""
+  return config.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), 'data')
 
 
 # How long a stage runs and how often it reports: never part of a checkpoint's identity, so a

@@ -384,15 +384,16 @@ def _stage_cmd(config, workdir: str, what: str) -> str:
 
 
 def _load_backbone(config, workdir: str):
-  """(EMA params, refreshed collections, meta) of the trained backbone, or a PipelineError
-  naming the command that trains it."""
+  """(EMA params, refreshed collections, meta) of the trained backbone. None saved yet: a
+  PipelineError naming the command that trains it; one of another config or an unreadable
+  one: checkpoint.load_backbone's CheckpointError, which says so (training it again in this
+  workdir would not help)."""
   from fiancee_jax.train import checkpoint  # noqa: PLC0415
-  try:
-    return checkpoint.load_backbone(workdir, config)
-  except checkpoint.CheckpointError as e:
-    raise PipelineError(f'no backbone in {workdir} ({e}): run '
-                        f'`{_stage_cmd(config, workdir, "python train.py")} --stage=backbone`'
-                        ) from e
+  d = checkpoint.checkpoint_dir(workdir, 'backbone')
+  if not (os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))):
+    raise PipelineError(f'no backbone checkpoint in {d}: run '
+                        f'`{_stage_cmd(config, workdir, "python train.py")} --stage=backbone`')
+  return checkpoint.load_backbone(workdir, config)
 
 
 def load_pipeline(config, workdir: str, stages: Sequence[str] = STAGES,

@@ -53,30 +53,51 @@ class InferError(FianceeError):
 # Inputs.
 
 
-def check_threshold(threshold: Any) -> float:
-  """A finite LPIPS threshold > 0, else InferError."""
+# LPIPS (AlexNet, as here) between images in [-1, 1] stays below ~1 in practice (unrelated
+# natural images score ~0.7): a threshold above 1 sends every input to the cheapest exit, so a
+# larger value is a typo (10 for 0.10, 1e9), not a request.
+MAX_THRESHOLD = 1.0
+
+
+def check_threshold(threshold: Any, flag: str = 'threshold') -> float:
+  """A finite LPIPS threshold in (0, MAX_THRESHOLD], else InferError naming --flag."""
   try:
     t = float(threshold)
   except (TypeError, ValueError):
-    raise InferError(f'--threshold={threshold!r}: expected a number (an LPIPS value > 0)') from None
-  if not math.isfinite(t) or t <= 0:
-    raise InferError(f'--threshold={threshold!r}: expected a finite LPIPS value > 0 '
-                     '(e.g. 0.1)')
+    raise InferError(f'--{flag}={threshold!r}: not a number; expected an LPIPS value in '
+                     f'(0, {MAX_THRESHOLD:g}] (e.g. 0.1)') from None
+  if not math.isfinite(t) or not 0 < t <= MAX_THRESHOLD:
+    raise InferError(f'--{flag}={threshold!r}: expected a finite LPIPS value in '
+                     f'(0, {MAX_THRESHOLD:g}] (e.g. 0.1)')
   return t
 
 
-def _open_image(path: str, flag: str, what: str, mode: str | None = None
-                ) -> tuple[np.ndarray, str]:
-  """(pixels, file mode) of an image file (converted to `mode` when given); one InferError
-  naming --flag when it is missing or unreadable."""
+def _open_image(path: str, flag: str, what: str, check: Callable | None = None,
+                mode: str | None = None) -> np.ndarray:
+  """Pixels of an image file (converted to `mode` when given); one InferError naming --flag
+  for a missing path, a directory, an empty or undecodable file. `check(im)` sees the opened
+  file (format, mode) before its pixels are decoded."""
   from PIL import Image  # noqa: PLC0415
+  if os.path.isdir(path):
+    raise InferError(f'--{flag}={path!r}: a directory; expected {what}')
   if not os.path.isfile(path):
-    raise InferError(f'--{flag}={path!r}: no such file (expected {what})')
+    raise InferError(f'--{flag}={path!r}: no such file; expected {what}')
+  if os.path.getsize(path) == 0:
+    raise InferError(f'--{flag}={path!r}: empty file (0 bytes); expected {what}')
   try:
-    with Image.open(path) as im:
-      return np.asarray(im if mode is None else im.convert(mode)), im.mode
-  except Exception as e:  # noqa: BLE001 - unreadable image: one message
-    raise InferError(f'--{flag}={path!r}: cannot read it as an image ({e})') from None
+    im = Image.open(path)
+  except Exception as e:  # noqa: BLE001 - PIL raises many types for a file it cannot identify
+    raise InferError(f'--{flag}={path!r}: not an image file PIL can identify; expected '
+                     f'{what}') from e
+  with im:
+    if check is not None:
+      check(im)
+    try:
+      im.load()
+    except Exception as e:  # noqa: BLE001 - truncated / corrupt data: OSError, SyntaxError, ...
+      raise InferError(f'--{flag}={path!r}: cannot decode this {im.format} file ({e}); '
+                       f'expected {what}') from None
+    return np.asarray(im if mode is None else im.convert(mode))
 
 
 def _check_size(arr: np.ndarray, flag: str, path: str, config: ml_collections.ConfigDict,
@@ -87,17 +108,51 @@ def _check_size(arr: np.ndarray, flag: str, path: str, config: ml_collections.Co
                      f'expects {d.height}x{d.width}{what}')
 
 
+LABEL_PNG = 'an 8-bit single-channel PNG of label ids (mode L, e.g. Cityscapes *_labelIds.png)'
+
+
+def _check_label_file(im: Any, path: str) -> None:
+  """Refuse label files whose pixels are not label ids, before decoding them.
+
+  Accepted: PNG of mode L (Cityscapes' *_labelIds.png), or RGB/RGBA whose channels are equal
+  (a grey label map saved as colour; checked on the pixels). Refused:
+  - other formats: JPEG's lossy compression changes the ids along region borders;
+  - 16/32-bit PNGs: Cityscapes' 16-bit *_instanceIds.png hold label id x 1000 + instance;
+  - palette PNGs (mode P): the pixels are palette indices, and whether they are class ids
+    depends on the tool that wrote the file (VOC-style label tools make them ids, an image
+    quantised to a palette - a colour-coded map re-saved by an editor - does not); the file
+    cannot tell, and reading wrong ids would draw a wrong scene without a word. The message
+    says how to re-save a palette PNG whose indices are the ids.
+  """
+  where = f'--label={path!r}'
+  if im.format != 'PNG':
+    why = ' (JPEG compression changes the ids along region borders)' if im.format == 'JPEG' else ''
+    raise InferError(f'{where}: a {im.format} file{why}; expected {LABEL_PNG}')
+  if im.mode == 'P':
+    raise InferError(f'{where}: palette PNG (mode P): its pixels are palette indices, not '
+                     f'necessarily class ids; expected {LABEL_PNG} (if the indices are the '
+                     'ids, re-save as mode L: Image.fromarray(np.asarray(Image.open(f))))')
+  if im.mode.startswith(('I', 'F')):
+    bits = '16-bit' if '16' in im.mode else '32-bit'
+    raise InferError(f'{where}: {bits} PNG (mode {im.mode}); expected {LABEL_PNG} '
+                     "(Cityscapes' 16-bit *_instanceIds.png hold instance ids, not label ids)")
+  if im.mode not in ('L', 'RGB', 'RGBA'):
+    raise InferError(f'{where}: PNG of mode {im.mode}; expected {LABEL_PNG}')
+
+
 def read_label(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
   """A label-id PNG (single channel, values = class ids) -> (H, W) int32, checked against
-  the config's resolution and number of classes."""
+  the config's resolution and number of classes (`_check_label_file` says which files are
+  refused and why)."""
   d = config.data
-  arr, mode = _open_image(path, 'label', 'a label-id PNG')
+  arr = _open_image(path, 'label', LABEL_PNG,
+                    check=functools.partial(_check_label_file, path=path))
   if arr.ndim == 3:
-    if arr.shape[2] in (3, 4) and np.all(arr[..., :3] == arr[..., :1]):
+    if np.all(arr[..., :3] == arr[..., :1]):
       arr = arr[..., 0]
     else:
-      raise InferError(f'--label={path!r}: a {mode} colour image; expected a single-channel PNG '
-                       f'of class ids in [0, {d.num_classes}) (e.g. Cityscapes *_labelIds.png)')
+      raise InferError(f'--label={path!r}: colour image (mode RGB{"A" * (arr.shape[2] == 4)}, '
+                       f'channels differ: a colour-coded map?); expected {LABEL_PNG}')
   _check_size(arr, 'label', path, config)
   bad = np.unique(arr[(arr < 0) | (arr >= d.num_classes)])
   if bad.size:
@@ -151,7 +206,7 @@ def load(config: ml_collections.ConfigDict, workdir: str,
 def read_image(path: str, config: ml_collections.ConfigDict, flag: str) -> np.ndarray:
   """An RGB PNG/JPEG of the config's resolution -> (H, W, 3) uint8 (alpha dropped, grey
   expanded); one InferError naming `flag` for a missing, unreadable or wrongly sized file."""
-  arr, _ = _open_image(path, flag, 'an RGB image', mode='RGB')
+  arr = _open_image(path, flag, 'an RGB image', mode='RGB')
   _check_size(arr, flag, path, config, ' RGB')
   return arr.astype(np.uint8)
 
