@@ -14,6 +14,7 @@ writers are killed here (the predictor's row cache `train/predictor._save_npz`, 
 import glob
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -126,11 +127,12 @@ def test_orbax_save_killed_resumes_last_finished_step(tmp_path, capsys, point):
   want = _state(1)
   np.testing.assert_allclose(state['w'], want['w'], rtol=1e-6, atol=0)
   assert int(state['step']) == 1 and meta['step'] == 1
-  ck.save(2, _state(2))
+  want = _state(2)
+  ck.save(2, want)  # the rerun goes on
   ck.close()
   assert checkpoint.finished_steps(wd, 'backbone') == [1, 2]
   state, _ = checkpoint.restore_latest(wd, 'backbone', template)
-  np.testing.assert_allclose(state['w'], _state(2)['w'], rtol=1e-6, atol=0)
+  np.testing.assert_allclose(state['w'], want['w'], rtol=1e-6, atol=0)
 
 
 # --------------------------------------------------------------------------- bank build
@@ -265,8 +267,8 @@ def test_predictor_cache_write_killed_loads_the_whole_one(tmp_path, capsys):
   tp._save_npz(path, {'feats': feats, 'targets': targets, 'maps': maps.astype(np.int32),
                       'z': z.astype(np.float32), 'fingerprint': np.array(fp)})
   temps = lambda: glob.glob(os.path.join(tp.stage_dir(wd), '.dataset_test.npz.tmp-*'))  # noqa
-  for point, nbytes in (('first bytes written', 0), ('64 MB written', 64 << 20)):
-    _kill_at(['-c', _ROWS, path, str(64 << 20), fp],
+  for point, nbytes in (('first bytes written', 0), ('32 MB written', 32 << 20)):
+    _kill_at(['-c', _ROWS, path, str(32 << 20), fp],  # 128 MB of rows
              lambda: any(os.path.getsize(f) > nbytes for f in temps()),
              f'row cache write: {point}', str(tmp_path / 'log'))
     assert temps(), point
@@ -285,10 +287,11 @@ def test_predictor_cache_write_killed_loads_the_whole_one(tmp_path, capsys):
 # --------------------------------------------------------------------------- report write
 
 _REPORT = """
+import pickle
 import sys
 from fiancee_jax import report
-from tests.test_report import _result
-report.write(sys.argv[1], _result())
+with open(sys.argv[2], 'rb') as f:
+  report.write(sys.argv[1], pickle.load(f))
 """
 
 
@@ -307,10 +310,13 @@ def _check_whole(out_dir: str) -> list[str]:
 
 def test_report_write_killed_never_leaves_a_summary_of_a_partial_report(tmp_path):
   out_dir = str(tmp_path / 'report')
+  res = str(tmp_path / 'result.pkl')  # the sweep's result (synthetic numbers, test_report.py)
+  with open(res, 'wb') as f:
+    pickle.dump(_result(), f)
   figs = report.figures('oasis')
   fig = lambda name: os.path.join(out_dir, name)  # noqa: E731
   # 1. First write, killed after its first figure: no summary.json (the completion mark).
-  _kill_at(['-c', _REPORT, out_dir], lambda: os.path.exists(fig(figs[0])),
+  _kill_at(['-c', _REPORT, out_dir, res], lambda: os.path.exists(fig(figs[0])),
            'report: first figure', str(tmp_path / 'log1'))
   names = _check_whole(out_dir)
   assert 'summary.json' not in names and 'report.md' not in names, names
@@ -318,7 +324,7 @@ def test_report_write_killed_never_leaves_a_summary_of_a_partial_report(tmp_path
   assert set(_check_whole(out_dir)) == {*figs, 'report.md', 'summary.json', 'sweep.json'}
   # 2. A re-sweep over that complete report, killed after some figures were rewritten.
   t_old = os.stat(fig(figs[1])).st_mtime_ns
-  _kill_at(['-c', _REPORT, out_dir], lambda: os.stat(fig(figs[1])).st_mtime_ns != t_old,
+  _kill_at(['-c', _REPORT, out_dir, res], lambda: os.stat(fig(figs[1])).st_mtime_ns != t_old,
            'report: two figures rewritten', str(tmp_path / 'log2'))
   names = _check_whole(out_dir)
   assert 'summary.json' not in names, names  # `make demo` sees no finished report: reruns
