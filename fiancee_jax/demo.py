@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +129,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  if not f['verbosity'].present:  # as the stage commands: absl's INFO lines (orbax) stay off
+    logging.set_verbosity(logging.WARNING)
   filename = config_flags.get_config_filename(f['config'])
   overrides = config_flags.get_override_values(f['config'])
   config_arg = [f'--config={filename}'] + [f'--config.{k}={v}' for k, v in overrides.items()]

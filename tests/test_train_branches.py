@@ -1,5 +1,6 @@
 """Branches stage: one real step (losses finite, only branch / D params change), resume."""
 import os
+import shutil
 import signal
 
 import jax
@@ -16,8 +17,12 @@ def _leaves_equal(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_branch_step_and_resume(tmp_path_factory):
-  c, wd, bb_state = backbone_workdir(tmp_path_factory)
+def test_branch_step_and_resume(tmp_path_factory, tmp_path):
+  c, shared_wd, bb_state = backbone_workdir(tmp_path_factory)
+  c = c.copy_and_resolve_references()  # the shared config and workdir stay as they are
+  wd = str(tmp_path / 'wd')
+  shutil.copytree(os.path.join(shared_wd, 'checkpoints'), os.path.join(wd, 'checkpoints'))
+  c.branches.exits = (1, 3)           # two exits (each with its own D copy) compile faster
   c.branches.alpha_vgg = 0.0          # keep the CPU test small (VGG19 loss has its own tests)
   c.train.labelmix_lambda = 0.0
   c.branches.num_steps = 2
@@ -61,6 +66,7 @@ def test_branch_sn_kernels_follow_the_backbone_init(tmp_path_factory):
   default size; every other parameter is the xavier init's."""
   import flax  # noqa: PLC0415
   c, wd, _ = backbone_workdir(tmp_path_factory)
+  c = c.copy_and_resolve_references()
   g_params, g_coll, _ = checkpoint.load_backbone(wd, c)
   gen, disc = {'params': g_params, **g_coll}, tb.load_backbone_discriminator(wd, c)
   models = tb.build_models(c)

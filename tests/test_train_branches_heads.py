@@ -24,6 +24,7 @@ def _leaves_equal(a, b):
 
 def test_branch_step_and_resume(tmp_path_factory):
   c, wd, bb_state = heads_workdir(tmp_path_factory)
+  c = c.copy_and_resolve_references()  # the shared config stays as it is
   c.branches.num_steps = 2
   c.branches.ckpt_every = 1
   c.branches.log_every = 1

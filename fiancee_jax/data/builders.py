@@ -18,13 +18,17 @@ complete dataset (`missing`), each with one printed line, and builds it again.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import functools
 import hashlib
+import io
+import logging
 import os
 import pathlib
 import shutil
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -32,6 +36,18 @@ import tensorflow_datasets as tfds
 
 from fiancee_jax.data import common, heads, streets
 from fiancee_jax.errors import FianceeError
+
+
+class _QuietTfds(logging.Filter):
+  """Drops tensorflow-datasets' INFO / WARNING records ('Using custom data configuration',
+  'OpenCV is not installed', ...): our builders are configured on purpose, and the stages
+  print their own progress. Its errors still show."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or 'tensorflow_datasets' not in record.pathname
+
+
+logging.getLogger('absl').addFilter(_QuietTfds())
 
 SPLITS = ('train', 'validation', 'test')
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
@@ -478,6 +494,12 @@ def prepare(data_config: Any, data_dir: str) -> pathlib.Path:
       shutil.rmtree(version_dir)
       b = make_builder(data_config, data_dir)
     if why is not None:
-      b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+      t0 = time.perf_counter()
+      print(f'[data] preparing {version_dir} ...', flush=True)
+      tfds.disable_progress_bar()  # tfds's bars and banner; our two lines say the same
+      with contextlib.redirect_stdout(io.StringIO()):
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+      counts = ', '.join(f'{k} {v.num_examples}' for k, v in b.info.splits.items())
+      print(f'[data] prepared {counts} examples in {time.perf_counter() - t0:.0f} s', flush=True)
   return version_dir
