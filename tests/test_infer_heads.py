@@ -175,7 +175,9 @@ def test_single_pair_json_and_png(trained, tmp_path):
                                threshold=0.3, out=out2, repeats=1)
   assert info2['route'] == info['route'] and info2['identity'] == info['identity'] == ids[0]
   np.testing.assert_allclose(list(info2['pred_lpips'].values()), pred, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(Image.open(out2)), img)
+  # Another bank stack (the identity's bank only) compiles another program: the float image may
+  # differ in its last bits, so a pixel may round to the next uint8 level, never further.
+  np.testing.assert_allclose(np.asarray(Image.open(out2), np.int16), img.astype(np.int16), atol=1)
 
 
 def test_missing_predictor_names_its_stage(trained, tmp_path):
