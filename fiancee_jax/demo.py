@@ -29,12 +29,8 @@ STAGES = ('data', 'backbone', 'bank', 'branches', 'predictor', 'report')
 
 def _latest_step(workdir: str, stage: str) -> int | None:
   from fiancee_jax.train import checkpoint  # noqa: PLC0415
-  d = checkpoint.checkpoint_dir(workdir, stage)
-  if not os.path.isdir(d):
-    return None
-  steps = [int(n) for n in os.listdir(d) if n.isdigit()
-           and os.path.isdir(os.path.join(d, n, 'state'))]
-  return max(steps) if steps else None
+  steps = checkpoint.finished_steps(workdir, stage)
+  return steps[-1] if steps else None
 
 
 def stage_done(config: Any, workdir: str, stage: str) -> bool:
