@@ -232,13 +232,15 @@ def snapshot(root: str) -> dict[str, tuple]:
   return out
 
 
-_BASE_FLAGS: set[str] = set()  # absl's flags before any entry script defined its own
+# The flags an entry script defined (its module body), forgotten before the next script runs.
+# Only those and the --config.* overrides: modules the scripts import on the way (array_record,
+# ...) define flags of their own, which later tests of this worker still read.
+_SCRIPT_FLAGS: set[str] = set()
 
 
 @pytest.fixture(scope='module', autouse=True)
 def _absl_flags():
-  """Leave absl's FLAGS as this module found them."""
-  _BASE_FLAGS.update(flags.FLAGS)
+  """Leave absl's FLAGS as this module found them (but for flags of modules imported since)."""
   was_parsed = flags.FLAGS.is_parsed()
   yield
   _forget_script_flags()
@@ -247,8 +249,10 @@ def _absl_flags():
 
 
 def _forget_script_flags() -> None:
-  for name in set(flags.FLAGS) - _BASE_FLAGS:  # a script's flags and its config overrides
-    delattr(flags.FLAGS, name)
+  for name in _SCRIPT_FLAGS | {n for n in flags.FLAGS if n.startswith('config.')}:
+    if name in flags.FLAGS:
+      delattr(flags.FLAGS, name)
+  _SCRIPT_FLAGS.clear()
 
 
 def _in_process(script: str, argv: list[str]) -> object:
@@ -258,7 +262,9 @@ def _in_process(script: str, argv: list[str]) -> object:
   _forget_script_flags()
   spec = importlib.util.spec_from_file_location(f'_entry_{script}', REPO / f'{script}.py')
   module = importlib.util.module_from_spec(spec)
+  before = set(flags.FLAGS)
   spec.loader.exec_module(module)
+  _SCRIPT_FLAGS.update(set(flags.FLAGS) - before)
   old, sys.argv = sys.argv, argv  # ml_collections reads the --config.* overrides from sys.argv
   try:
     module.main(cli.flags_parser(f'{script}.py')(argv))
