@@ -26,10 +26,24 @@ def repo() -> pathlib.Path:
 def pytest_configure(config):
   """One XLA compilation cache for the whole run: the tiny train steps compiled by several test
   modules (backbone, branches, pipeline fixtures) are compiled once. A fresh directory per run,
-  so nothing from an earlier run is reused."""
+  so nothing from an earlier run is reused; under pytest-xdist the workers of one run share it
+  (PYTEST_XDIST_TESTRUNUID), and a size bound turns on jax's file lock around its reads and
+  writes, so one worker never reads an entry the other is still writing."""
+  import glob
+  import shutil
   import tempfile
+  import time
 
   import jax
-  cache = tempfile.mkdtemp(prefix='fiancee_xla_cache_')
+  for old in glob.glob(os.path.join(tempfile.gettempdir(), 'fiancee_xla_cache_*')):
+    if time.time() - os.path.getmtime(old) > 24 * 3600:  # earlier runs' caches, a day on
+      shutil.rmtree(old, ignore_errors=True)
+  run = os.environ.get('PYTEST_XDIST_TESTRUNUID')
+  if run:
+    cache = os.path.join(tempfile.gettempdir(), f'fiancee_xla_cache_{run}')
+    os.makedirs(cache, exist_ok=True)
+  else:
+    cache = tempfile.mkdtemp(prefix='fiancee_xla_cache_')
   jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_compilation_cache_max_size', 8 << 30)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
