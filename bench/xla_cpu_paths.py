@@ -1,4 +1,4 @@
-"""The two XLA:CPU slow paths the training and inference code avoid, each measured side by side.
+"""The three XLA:CPU slow paths the training and inference code avoid, each measured side by side.
 
   python bench/xla_cpu_paths.py [--repeats 3]
 
@@ -8,6 +8,9 @@
 2. Small-map 3x3 convolution (`models/layers.py: conv_same`): 256 -> 256 channels at batch 30,
    `lax.conv_general_dilated` vs im2col + matmul, on 2x4 maps (the demo's first blocks; what
    the code turns into a matmul) and 4x8 maps (where it keeps the convolution).
+3. Weight gradient of a stride-1 4x4 conv (the pix2pixHD patch discriminator's last two
+   layers, `models/layers.py: conv`): XLA's own gradient vs the im2col matmul the code uses,
+   batch 8, 256 -> 512 channels, on 8x8 and 16x16 maps (and the 3x3 case, unaffected).
 
 Prints one JSON line per figure, with the ratio to the path the code takes.
 """
@@ -21,6 +24,7 @@ from jax import lax
 
 from fiancee_jax import config as cfg
 from fiancee_jax.models import discriminators
+from fiancee_jax.models import layers
 from fiancee_jax.models.layers import conv_same
 from fiancee_jax.train.state import per_copy
 
@@ -86,12 +90,31 @@ def small_map_conv(repeats: int) -> None:
       _emit(f'conv3x3_{h}x{w}_{k}', s, secs['conv_same'], batch=30, channels=256)
 
 
+def even_kernel_weight_grad(repeats: int) -> None:
+  def xla(x, k, p):
+    return lax.conv_general_dilated(x, k, (1, 1), ((p, p), (p, p)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  for ks, pad in ((4, 2), (3, 1)):
+    kern = 0.05 * jax.random.normal(jax.random.PRNGKey(1), (ks, ks, 256, 512))
+    for h in (8, 16):
+      x = jax.random.normal(jax.random.PRNGKey(0), (8, h, h, 256))
+      secs = {name: _median_s(jax.jit(jax.grad(lambda k, x, f=f: jnp.sum(f(x, k, pad) ** 2))),
+                              (kern, x), repeats)
+              for name, f in (('xla', xla),
+                                ('code', lambda x, k, p: layers.conv(x, k, (1, 1), p)))}
+      for name, sec in secs.items():
+        _emit(f'conv{ks}x{ks}_s1_{h}x{h}_weight_grad_{name}', sec, secs['code'], batch=8,
+              channels=[256, 512])
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--repeats', type=int, default=3)
   a = ap.parse_args()
   discriminator_copies(a.repeats)
   small_map_conv(a.repeats)
+  even_kernel_weight_grad(a.repeats)
 
 
 if __name__ == '__main__':

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from fiancee_jax.models import layers
+
 Dtype = Any
 Array = jax.Array
 
@@ -37,8 +39,8 @@ class PatchGAN(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, list[Array]]:
-    conv = lambda c, s, name: nn.Conv(c, (4, 4), strides=s, padding=2, dtype=self.dtype,
-                                      name=name)
+    conv = lambda c, s, name: layers.Conv(c, (4, 4), strides=s, padding=2, dtype=self.dtype,
+                                          name=name)
     norm = lambda name: nn.InstanceNorm(epsilon=1e-5, use_scale=False, use_bias=False,
                                         dtype=self.dtype, name=name)
     feats = []
