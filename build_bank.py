@@ -27,8 +27,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from fiancee_jax import fiancee
+  from fiancee_jax.train import parallel
   try:
+    parallel.initialize()  # several processes: before any other JAX call
+    from fiancee_jax import fiancee
     fiancee.build_bank(FLAGS.config, FLAGS.workdir, force=FLAGS.force,
                        batch_size=FLAGS.batch_size)
   except FianceeError as e:  # bad input (config, workdir, checkpoint, bank, data): one line

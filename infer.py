@@ -53,8 +53,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from fiancee_jax import infer_lib
+  from fiancee_jax.train import parallel
   try:
+    parallel.initialize()  # several processes: before any other JAX call
+    from fiancee_jax import infer_lib
     if FLAGS.sweep:
       ts = None if FLAGS.thresholds is None else [infer_lib.check_threshold(t, 'thresholds')
                                                    for t in FLAGS.thresholds]

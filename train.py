@@ -4,8 +4,9 @@
   python train.py --config configs/oasis_synthetic.py:tiny --workdir /tmp/t --stage=backbone
 
 Resumes from the latest checkpoint in --workdir; SIGTERM / Ctrl-C finish the current step,
-save and exit. Multi-host: set JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES,
-JAX_PROCESS_ID) or FIANCEE_DISTRIBUTED=1 and start the same command on every host.
+save and exit. Multi-host: the same command on every host with JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID set (nothing on a TPU VM, Slurm, Open MPI); on one machine
+`python -m fiancee_jax.launch -n 2 -- train.py ...` (fiancee_jax/train/parallel.py).
 """
 import sys
 
@@ -24,16 +25,17 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from fiancee_jax.train import parallel
-  parallel.maybe_initialize_distributed()
   import importlib
-  from fiancee_jax import config as fconfig, data
-  stage = importlib.import_module(f'fiancee_jax.train.{FLAGS.stage}')
+  from fiancee_jax.train import parallel
   try:
+    parallel.initialize()  # several processes: before any other JAX call
+    from fiancee_jax import config as fconfig, data
+    stage = importlib.import_module(f'fiancee_jax.train.{FLAGS.stage}')
     fconfig.validate(FLAGS.config)
-    # The data first (idempotent; every stage reads it): a missing or incomplete download
-    # fails here, before the stage creates anything in the workdir.
-    data.prepare(FLAGS.config.data, fconfig.data_dir(FLAGS.config, FLAGS.workdir))
+    # The data first (idempotent; every stage reads it; process 0 writes it): a missing or
+    # incomplete download fails here, before the stage creates anything in the workdir.
+    parallel.chief_first(lambda: data.prepare(
+        FLAGS.config.data, fconfig.data_dir(FLAGS.config, FLAGS.workdir)), 'prepare')
     stage.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (FianceeError, FileNotFoundError) as e:  # bad input, missing weight files: one line
     sys.exit(f'train.py: {e}')

@@ -319,7 +319,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
   is_chief = pindex == 0
 
   data_dir = cfg.data_dir(config, workdir)
-  fdata.prepare(config.data, data_dir)
+  parallel.chief_first(lambda: fdata.prepare(config.data, data_dir), 'prepare')
   train_src = fdata.source(config.data, 'train', data_dir)
 
   host_state, loader_state = ckpt.resume_gan(create_train_state(config, models), STAGE)
@@ -328,7 +328,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
                         process_index=pindex, process_count=pcount, state=loader_state)
   refresh_bs = max(1, min(t.batch_size, 8, len(train_src)))
 
-  def refresh_iter():  # every process refreshes the same way (same batches, same stats)
+  def refresh_iter():  # the same batches whatever the process count
     return Loader(train_src, refresh_bs, seed=config.seed + 1, shuffle=True)
 
   sample_batch = next(Loader(train_src, min(4, t.batch_size, len(train_src)), seed=config.seed,
@@ -345,8 +345,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
 
   def snapshot(step, state, write_samples, write_ckpt):
     host = dp.get_state(state.train)
-    refreshed = refresh_ema_stats(models, host, refresh_iter(), t.bn_refresh_batches,
-                                  config.seed + 3)
+    # Process 0 refreshes: its samples, and the checkpoint's host arrays are its own (orbax
+    # writes host arrays from process 0 only); the others pass a placeholder of that shape.
+    refreshed = (refresh_ema_stats(models, host, refresh_iter(), t.bn_refresh_batches,
+                                   config.seed + 3) if is_chief else host.ema_state_g)
     if write_samples and is_chief:
       img = _sampler(models)(host.ema_params_g, refreshed,
                              np.asarray(sample_batch['label'], np.int32), sample_z_)
@@ -355,7 +357,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
       writer.image(step, 'samples/label_real_ema', grid)
       tlog.write_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
     if write_ckpt:
-      ckpt.save(step, {'train': host, 'ema_bn': refreshed},
+      # Host arrays (process 0 writes them; orbax refuses a one-device jax.Array when
+      # there are several processes).
+      ckpt.save(step, {'train': host, 'ema_bn': jax.device_get(refreshed)},
                 {'data': train_loader.state(), 'num_steps': int(t.num_steps)})
 
   try:

@@ -305,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   is_chief = pindex == 0
 
   data_dir = cfg.data_dir(config, workdir)
-  data_loader.prepare(config.data, data_dir)
+  parallel.chief_first(lambda: data_loader.prepare(config.data, data_dir), 'prepare')
   train_src = data_loader.source(config.data, 'train', data_dir)
 
   ckpt = checkpoint.Checkpointer(workdir, stage, config, keep=config.train.keep_ckpts)
@@ -319,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     host = create_train_state(config, models, frozen.generator,
                               load_backbone_discriminator(workdir, config))
-  train_loader = data_loader.Loader(train_src, b.batch_size // pcount, seed=config.seed + 11,
+  train_loader = data_loader.Loader(train_src, b.batch_size, seed=config.seed + 11,
                                     shuffle=True, process_index=pindex, process_count=pcount,
                                     state=loader_state)
   train_iter = iter(train_loader)

@@ -320,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   is_chief = pindex == 0
 
   data_dir = cfg.data_dir(config, workdir)
-  fdata.prepare(config.data, data_dir)
+  parallel.chief_first(lambda: fdata.prepare(config.data, data_dir), 'prepare')
   train_src = fdata.source(config.data, 'train', data_dir)
 
   ckpt = checkpoint.Checkpointer(workdir, stage, config, keep=config.train.keep_ckpts)
@@ -333,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       host, loader_state = saved['train'], meta.get('data')
       print(f'[{stage}] resumed from {ckpt.directory} at step {int(host.step)}', flush=True)
     loader = fdata.Loader(fdata.reenactment_pairs(train_src, config.seed),
-                          b.batch_size // pcount, seed=config.seed + 11, shuffle=True,
+                          b.batch_size, seed=config.seed + 11, shuffle=True,
                           process_index=pindex, process_count=pcount, state=loader_state,
                           transform=train_example)
     it = iter(loader)

@@ -303,7 +303,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
   is_chief = pindex == 0
 
   data_dir = cfg.data_dir(config, workdir)
-  fdata.prepare(config.data, data_dir)
+  parallel.chief_first(lambda: fdata.prepare(config.data, data_dir), 'prepare')
   train_src = fdata.source(config.data, 'train', data_dir)
 
   host_state, loader_state = ckpt.resume_gan(create_train_state(config, models), STAGE)
@@ -319,16 +319,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: checkpoint.Che
 
   def snapshot(step, state, write_samples, write_ckpt):
     host = dp.get_state(state.train)
-    # Every process refreshes the same way (same batches, same stats).
+    # Process 0 refreshes: its samples, and the checkpoint's host arrays are its own (orbax
+    # writes host arrays from process 0 only); the others pass a placeholder of that shape.
     refreshed = refresh_ema_stats(
         models, host, pairs_loader(config, train_src, refresh_bs, config.seed + 1),
-        t.bn_refresh_batches)
+        t.bn_refresh_batches) if is_chief else host.ema_state_g
     if write_samples and is_chief:
       grid = sample_grid(models, host.ema_params_g, refreshed, inputs)
       writer.image(step, 'samples/source_driver_ema_target', grid)
       tlog.write_png(os.path.join(workdir, 'samples', f'step_{step:07d}.png'), grid)
     if write_ckpt:
-      ckpt.save(step, {'train': host, 'ema_bn': refreshed},
+      # Host arrays (process 0 writes them; orbax refuses a one-device jax.Array when
+      # there are several processes).
+      ckpt.save(step, {'train': host, 'ema_bn': jax.device_get(refreshed)},
                 {'data': train_loader.state(), 'num_steps': int(t.num_steps)})
 
   try:

@@ -8,6 +8,13 @@ and checkpoint cadence, and the final save when the last step was not saved yet.
 
   state, step = loop.run(state, start, loop.Cadence.of(config.train), name='backbone',
                          step_fn=..., snapshot=..., writer=writer, saved_step=...)
+
+Several processes: a signal reaches one process (a preempted host) or all of them at different
+moments. After every step the processes agree (`parallel.any_process`, one tiny all-gather)
+whether any of them was asked to stop, so all of them finish the same step, write the same
+snapshot and one checkpoint (orbax's save is itself collective), and return together; a
+process leaving the loop alone would wait in the save while the others wait in the next
+step's collectives.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import jax
 import numpy as np
 
 from fiancee_jax.train import logging as tlog
+from fiancee_jax.train import parallel
 
 PyTree = Any
 # (step, device state, device metrics) after each step (tests send signals from here).
@@ -90,9 +98,9 @@ def run(state: PyTree, start: int, cadence: Cadence, *, name: str,
   c = cadence
   progress = tlog.Progress(c.num_steps, start, c.log_every, name=name)
   stop = StopFlag()
-  step = start
+  step, stopping = start, False
   with stop.installed():
-    while step < c.num_steps and stop.signum is None:
+    while step < c.num_steps and not stopping:
       state, metrics = step_fn(state)
       step += 1
       for hook in hooks:
@@ -102,7 +110,7 @@ def run(state: PyTree, start: int, cadence: Cadence, *, name: str,
         progress.update(step, console(m) if console else m)
         writer.scalars(step, {f'{tag}/{k}': v for k, v in m.items()})
         writer.scalars(step, {f'{tag}/steps_per_sec': progress.steps_per_sec})
-      stopping = stop.signum is not None
+      stopping = parallel.any_process(stop.signum is not None)
       do_sample = step % c.sample_every == 0 or step == c.num_steps or stopping
       do_ckpt = step % c.ckpt_every == 0 or step == c.num_steps or stopping
       if do_sample or do_ckpt:
@@ -111,8 +119,10 @@ def run(state: PyTree, start: int, cadence: Cadence, *, name: str,
           saved_step = step
     if saved_step != step:
       snapshot(step, state, False, True)
-    if stop.signum is not None:
-      print(f'[{name}] stopped by signal {stop.signum} after step {step}; checkpoint saved; '
+    if stopping:
+      why = (f'by signal {stop.signum}' if stop.signum is not None
+             else 'with the other processes (one of them received a stop signal)')
+      print(f'[{name}] stopped {why} after step {step}; checkpoint saved; '
             'rerun the same command to resume', flush=True)
   writer.flush()
   return state, step

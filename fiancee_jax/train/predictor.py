@@ -427,7 +427,8 @@ def evaluate(config, workdir, model, params, rows_by_split: dict[str, dict]) -> 
     out[split] = {'rel_error': rel.tolist(), 'mean_rel_error': float(rel.mean()),
                   'mae': np.mean(np.abs(pred - rows['targets']), 0).tolist(),
                   'mean_true': np.mean(rows['targets'], 0).tolist(), 'rows': int(len(pred))}
-  atomic_write(os.path.join(stage_dir(workdir), 'eval.json'), json.dumps(out, indent=1))
+  if jax.process_index() == 0:  # every process computes the same numbers
+    atomic_write(os.path.join(stage_dir(workdir), 'eval.json'), json.dumps(out, indent=1))
   return out
 
 
@@ -453,7 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   p = config.predictor
   pipeline = fiancee.load_pipeline(config, workdir, stages=('backbone', 'bank', 'branches'))
   lp_params = lpips_lib.load_params()
-  rows = {s: dataset(config, workdir, s, pipeline, lp_params) for s in SPLITS}
+  # Process 0 computes and caches each split's rows; the others then read its cache.
+  rows = {s: parallel.chief_first(lambda s=s: dataset(config, workdir, s, pipeline, lp_params),
+                                  f'predictor rows {s}') for s in SPLITS}
   model = predictor_lib.from_config(config)
   tx = make_optimizer(config)
   step_fn = functools.partial(train_step, model=model, tx=tx, loss=p.loss)
@@ -473,7 +476,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       host, meta = ckpt.restore(host)
       loader_state = meta.get('data')
       print(f'[{STAGE}] resumed from {ckpt.directory} at step {int(host["step"])}', flush=True)
-    loader = data_loader.Loader(train_src, p.batch_size, seed=config.seed, state=loader_state)
+    loader = data_loader.Loader(train_src, p.batch_size, seed=config.seed, state=loader_state,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
     it = iter(loader)
     state = dp.put_state(host)
     start = int(host['step'])
