@@ -73,8 +73,8 @@ def detected_cluster(environ: Mapping[str, str] | None = None) -> str | None:
     return 'Slurm'
   if 'OMPI_MCA_orte_hnp_uri' in env and count('OMPI_COMM_WORLD_SIZE') > 1:
     return 'Open MPI'
-  if env.get('JAX_PLATFORMS', '').strip() not in ('', 'tpu') or not importlib.util.find_spec(
-      'libtpu'):
+  platforms = [p.strip() for p in env.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  if (platforms and 'tpu' not in platforms) or not importlib.util.find_spec('libtpu'):
     return None
   try:
     from jax._src import hardware_utils  # noqa: PLC0415 - jax's own TPU check (sysfs only)
