@@ -30,12 +30,10 @@ def main(argv):
   from fiancee_jax.train import parallel
   try:
     parallel.initialize()  # several processes: before any other JAX call
-    import jax
+    parallel.one_process_only('build_bank.py')
     from fiancee_jax import fiancee
-    # Several processes: process 0 builds, the others then find the bank up to date.
-    parallel.chief_first(lambda: fiancee.build_bank(
-        FLAGS.config, FLAGS.workdir, force=FLAGS.force and jax.process_index() == 0,
-        batch_size=FLAGS.batch_size), 'bank')
+    fiancee.build_bank(FLAGS.config, FLAGS.workdir, force=FLAGS.force,
+                       batch_size=FLAGS.batch_size)
   except FianceeError as e:  # bad input (config, workdir, checkpoint, bank, data): one line
     sys.exit(f'build_bank.py: {e}')
 

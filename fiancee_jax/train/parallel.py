@@ -195,7 +195,8 @@ def chief_first(fn: Callable[[], Any], name: str, timeout_s: float = BARRIER_TIM
   """`fn()` on process 0, then on the other processes once it is done: for idempotent
   preparation of shared files (a dataset folder, a cache) that the others then only read.
   When `fn` raises on process 0, the other processes raise DistributedError instead of
-  waiting forever."""
+  waiting forever. `fn` must not be collective work (orbax reads and writes are: process 0
+  would wait in them for the others, which wait here for process 0)."""
   if jax.process_count() == 1:
     return fn()
   key = f'fiancee/{name}/{next(_SYNC_IDS)}'
@@ -212,6 +213,16 @@ def chief_first(fn: Callable[[], Any], name: str, timeout_s: float = BARRIER_TIM
     raise DistributedError(f'{name}: process 0 {status} (its output says why); this process '
                            'stops too')
   return fn()
+
+
+def one_process_only(script: str) -> None:
+  """One clear error when `script`, whose work runs on one device and writes shared files
+  (build_bank.py), was started as several processes."""
+  if jax.process_count() > 1:
+    raise DistributedError(
+        f'{script} runs as one process (process {jax.process_index()} of '
+        f'{jax.process_count()}): its work runs on one device and several processes would '
+        'write the same files; run it on one host without JAX_NUM_PROCESSES / JAX_PROCESS_ID')
 
 
 def check_batch_size(global_batch: int, num_devices: int, what: str = 'train.batch_size') -> int:
