@@ -31,6 +31,7 @@ import numpy as np
 
 from fiancee_jax import bank as bank_lib
 from fiancee_jax import config as cfg
+from fiancee_jax import io_utils
 from fiancee_jax.models import branches as branches_lib
 from fiancee_jax.models import oasis
 from fiancee_jax.errors import FianceeError
@@ -534,9 +535,8 @@ def _bank_meta(config, noises: np.ndarray, map_ids: np.ndarray) -> dict:
 
 
 def _write_noises(path: str, noises: np.ndarray) -> None:
-  tmp = f'{path}.tmp{os.getpid()}.npy'
-  np.save(tmp, noises)
-  os.replace(tmp, path)
+  with io_utils.atomic_open(path) as f:
+    np.save(f, noises)
 
 
 def existing_bank_ok(config, workdir: str, backbone_step: int | None) -> str | None:
