@@ -48,7 +48,7 @@ test: $(BIN)/.installed-dev
 
 # Standalone benchmarks (bench/exit_quality.py needs a trained workdir: see its docstring).
 bench: $(BIN)/.installed-dev
-	for f in metrics_speed generator_latency retrieval xla_cpu_paths; do $(BIN)/python bench/$$f.py || exit 1; done
+	for f in metrics_speed generator_latency retrieval xla_cpu_paths heads_step; do $(BIN)/python bench/$$f.py || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)
