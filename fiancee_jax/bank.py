@@ -416,21 +416,19 @@ class FixedChunks:
     return -(-self.num_inputs // self.size)
 
   def __iter__(self):
-    held: list[tuple[np.ndarray, ...]] = []
-    count = 0
+    rest = None  # the rows (< size) left over from the previous read batch
     for batch in self.batches:
       batch = tuple(np.asarray(a) for a in batch)
-      held.append(batch)
-      count += len(batch[0])
-      while count >= self.size:
-        whole = tuple(np.concatenate(parts) for parts in zip(*held))
-        yield tuple(a[:self.size] for a in whole), self.size
-        rest = tuple(a[self.size:] for a in whole)
-        held, count = ([rest] if len(rest[0]) else []), len(rest[0])
-    if count:
-      whole = tuple(np.concatenate(parts) for parts in zip(*held))
+      whole = batch if rest is None else tuple(np.concatenate([r, a]) for r, a in zip(rest, batch))
+      n, s = len(whole[0]), 0
+      while n - s >= self.size:  # slices of one array per read batch: no copy per chunk
+        yield tuple(a[s:s + self.size] for a in whole), self.size
+        s += self.size
+      rest = tuple(a[s:] for a in whole) if s < n else None
+    if rest is not None:
+      count = len(rest[0])
       pad = self.size - count
-      yield tuple(np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in whole), count
+      yield tuple(np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in rest), count
 
 
 def _import_faiss():
