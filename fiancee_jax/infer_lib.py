@@ -53,7 +53,7 @@ class InferError(FianceeError):
 # Inputs.
 
 
-# LPIPS (AlexNet, as here) between images in [-1, 1] stays below ~1 in practice (unrelated
+# LPIPS (VGG16, as here) between images in [-1, 1] stays below ~1 in practice (unrelated
 # natural images score ~0.7): a threshold above 1 sends every input to the cheapest exit, so a
 # larger value is a typo (10 for 0.10, 1e9), not a request.
 MAX_THRESHOLD = 1.0
