@@ -1,5 +1,5 @@
 """Latency of the jitted JAX OASIS generator vs the PyTorch reference (eval, no_grad), same
-weights (the PyTorch state_dict converted by fiancee_jax.weights.oasis_torch), same device.
+weights (the PyTorch state_dict converted by fiancee_jax.backbones.oasis.torch_weights), same device.
 
   python bench/generator_latency.py [--configs configs/oasis_synthetic.py,configs/oasis_synthetic.py@128x256]
       [--batches 1,8] [--repeats 10] [--threads N]
@@ -40,8 +40,8 @@ def bench_config(path: str, batches: list[int], repeats: int) -> list[dict]:
   import torch
 
   from fiancee_jax import config as cfg
-  from fiancee_jax.models import oasis
-  from fiancee_jax.weights import oasis_torch
+  from fiancee_jax.backbones.oasis import model as oasis
+  from fiancee_jax.backbones.oasis import torch_weights as oasis_torch
   from tests.torch_oasis_ref import OASISGenerator
 
   spec, _, size = path.partition('@')  # 'configs/x.py[:arg][@HxW]' overrides the resolution

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiancee_jax import config as cfg
-from fiancee_jax import losses_heads
+from fiancee_jax.backbones.megaportraits import losses as losses_heads
 from fiancee_jax.train import heads, parallel
 from fiancee_jax.train.state import StepState
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiancee_jax import bank as bk
+from fiancee_jax.core import bank as bk
 
 PAPER_MS_PER_INPUT = 5.0  # Sec. S1.1.1: "retrieval latency is up to 5 ms" on a P40
 

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from fiancee_jax import config as cfg
-from fiancee_jax.models import discriminators
-from fiancee_jax.models import layers
-from fiancee_jax.models.layers import conv_same
+from fiancee_jax.backbones.oasis import discriminator as discriminators
+from fiancee_jax.nn import layers
+from fiancee_jax.nn.layers import conv_same
 from fiancee_jax.train.state import per_copy
 
 

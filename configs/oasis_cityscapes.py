@@ -7,7 +7,7 @@ and a GPU/TPU to train; its parameter and GMAC counts are checked on CPU from sh
   python train.py --config configs/oasis_cityscapes.py --workdir runs/cs --stage=backbone \
       --config.data.manual_dir=/data/cityscapes
   # or start from an official checkpoint:
-  python -m fiancee_jax.weights.oasis_torch oasis_cityscapes/best_EMA.pth \
+  python -m fiancee_jax.backbones.oasis.torch_weights oasis_cityscapes/best_EMA.pth \
       --config configs/oasis_cityscapes.py --out runs/cs
   python build_bank.py --config configs/oasis_cityscapes.py --workdir runs/cs
   python train.py --config configs/oasis_cityscapes.py --workdir runs/cs --stage=branches

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fiancee_jax import bank as bank_lib
+from fiancee_jax.core import bank as bank_lib
 from fiancee_jax import config as cfg
 from fiancee_jax import io_utils
 from fiancee_jax.models import branches as branches_lib
-from fiancee_jax.models import oasis
+from fiancee_jax.backbones.oasis import model as oasis
 from fiancee_jax.errors import FianceeError
 
 PyTree = Any

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiancee_jax import bank as bank_lib
+from fiancee_jax.core import bank as bank_lib
 from fiancee_jax import config as cfg
 from fiancee_jax import fiancee
 from fiancee_jax.models import branches as branches_lib
-from fiancee_jax.models import megaportraits
+from fiancee_jax.backbones.megaportraits import model as megaportraits
 
 PyTree = Any
 PipelineError = fiancee.PipelineError
@@ -471,7 +471,7 @@ def routed_one(pipeline: fiancee.Pipeline, params: dict, source: jax.Array, driv
                offset: jax.Array = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """One (source, driver) pair end to end in one jittable call (`routing.routed_apply`): front
   end once -> predictor on the motion key -> `lax.switch` runs only the chosen route."""
-  from fiancee_jax import routing  # noqa: PLC0415
+  from fiancee_jax.core import routing  # noqa: PLC0415
   exit_fns = tuple(functools.partial(lambda r, p, f: route_from_front(pipeline, p, r, f), r)
                    for r in range(len(pipeline.exits) + 1))
   return routing.routed_apply(

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from fiancee_jax import config as cfg
-from fiancee_jax import routing
+from fiancee_jax.core import routing
 from fiancee_jax.train import predictor as tp
 from fiancee_jax.errors import FianceeError
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiancee_jax import bank as bk
+from fiancee_jax.core import bank as bk
 
 
 def fps_numpy(x, k, start=0):

@@ -5,7 +5,7 @@ import pytest
 
 from fiancee_jax import config as cfg
 from fiancee_jax.models import branches
-from fiancee_jax.models import megaportraits as mp
+from fiancee_jax.backbones.megaportraits import model as mp
 
 # Table S8: (fin, fout, h, w) of every SPADE-ResBlock per branch, min channels 64.
 TABLE_S8 = {

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fiancee_jax import bank as bank_lib
+from fiancee_jax.core import bank as bank_lib
 from fiancee_jax import fiancee
 from tests.test_fiancee import backbone_workdir, tiny_config
 

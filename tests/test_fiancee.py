@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiancee_jax import bank as bank_lib
+from fiancee_jax.core import bank as bank_lib
 from fiancee_jax import config as cfg
 from fiancee_jax import fiancee
-from fiancee_jax.models import oasis
+from fiancee_jax.backbones.oasis import model as oasis
 
 _CACHE = {}
 

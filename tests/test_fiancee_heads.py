@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from fiancee_jax import bank as bank_lib
+from fiancee_jax.core import bank as bank_lib
 from fiancee_jax import config as cfg
 from fiancee_jax import fiancee, fiancee_heads
 from fiancee_jax.data import heads as heads_data

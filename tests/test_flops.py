@@ -7,7 +7,7 @@ import pytest
 
 from fiancee_jax import config as cfg
 from fiancee_jax.metrics import flops
-from fiancee_jax.models import layers
+from fiancee_jax.nn import layers
 
 
 def test_oasis_cityscapes_paper_counts(repo):

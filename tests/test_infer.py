@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiancee_jax import infer_lib, routing
+from fiancee_jax import infer_lib
+
+from fiancee_jax.core import routing
 from tests.test_train_predictor import pipeline, tiny_config, tiny_workdir
 
 

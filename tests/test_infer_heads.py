@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiancee_jax import fiancee, fiancee_heads, infer_lib, report, routing
+from fiancee_jax import fiancee, fiancee_heads, infer_lib, report
+
+from fiancee_jax.core import routing
 from fiancee_jax.train import predictor as tp
 from tests.test_fiancee_heads import heads_config
 from tests.test_report import _result as oasis_result

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiancee_jax import bank as bank_lib
+from fiancee_jax.core import bank as bank_lib
 from fiancee_jax import data, fiancee, report
 from fiancee_jax.data import builders
 from fiancee_jax.train import checkpoint

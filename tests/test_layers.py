@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiancee_jax.models import layers
+from fiancee_jax.nn import layers
 
 
 @pytest.mark.parametrize('k, stride, pad', [(4, 1, 2), (4, 2, 2), (3, 1, 1), (2, 1, 0)])

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiancee_jax import losses
+from fiancee_jax.backbones.oasis import losses
 
 
 def test_class_weights_2x2_by_hand():

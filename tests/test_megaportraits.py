@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from fiancee_jax import config as cfg
-from fiancee_jax import losses_heads as L
+from fiancee_jax.backbones.megaportraits import losses as L
 from fiancee_jax.metrics import flops
-from fiancee_jax.models import megaportraits as mp
-from fiancee_jax.models import patch_discriminator as pd
+from fiancee_jax.backbones.megaportraits import model as mp
+from fiancee_jax.backbones.megaportraits import discriminator as pd
 
 
 def _n_params(tree) -> int:

@@ -4,7 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiancee_jax.models import discriminators, layers, oasis
+from fiancee_jax.backbones.oasis import discriminator as discriminators
+
+from fiancee_jax.backbones.oasis import model as oasis
+
+from fiancee_jax.nn import layers
 
 NC, H, W = 35, 64, 64
 
@@ -135,7 +139,7 @@ def test_conv_same_small_maps_equal_the_convolution():
   """Maps of <= SMALL_MAP_PIXELS pixels go through im2col + matmul (XLA:CPU's conv is ~30x
   slower there): the same function as the convolution, for 3x3 and 1x1 kernels."""
   from jax import lax
-  from fiancee_jax.models import layers
+  from fiancee_jax.nn import layers
   rng = np.random.default_rng(0)
   for (h, w), k in (((2, 4), 3), ((1, 1), 3), ((2, 2), 1), ((4, 8), 3)):
     x = rng.standard_normal((3, h, w, 5)).astype(np.float32)

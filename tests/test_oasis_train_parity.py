@@ -11,9 +11,10 @@ torch = pytest.importorskip('torch')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from fiancee_jax import losses  # noqa: E402
-from fiancee_jax.models import discriminators, layers  # noqa: E402
-from fiancee_jax.weights import oasis_torch  # noqa: E402
+from fiancee_jax.backbones.oasis import losses  # noqa: E402
+from fiancee_jax.backbones.oasis import discriminator as discriminators
+from fiancee_jax.nn import layers  # noqa: E402
+from fiancee_jax.backbones.oasis import torch_weights as oasis_torch  # noqa: E402
 from tests import torch_oasis_ref as ref  # noqa: E402
 
 NC, H, W = 6, 64, 64
@@ -155,7 +156,7 @@ def test_one_train_step_matches_oasis(tmp_path, repo):
   import optax
 
   from fiancee_jax import config as cfg
-  from fiancee_jax.models import oasis
+  from fiancee_jax.backbones.oasis import model as oasis
   from fiancee_jax.train import backbone
   from fiancee_jax.train.state import GANState
 

@@ -4,7 +4,9 @@ import os
 
 import numpy as np
 
-from fiancee_jax import report, routing
+from fiancee_jax import report
+
+from fiancee_jax.core import routing
 
 
 def _result():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiancee_jax import routing
+from fiancee_jax.core import routing
 
 COSTS = np.array([20.0, 40.0, 60.0, 80.0, 100.0])  # 4 branch exits + backbone (GMACs)
 

@@ -167,7 +167,7 @@ def routes(config) -> list[Route]:
 
 def oasis_abstract(config, batch: int = 1):
   """(generator, abstract variables, abstract one-hot, abstract z) for an OASIS config."""
-  from fiancee_jax.models import oasis
+  from fiancee_jax.backbones.oasis import model as oasis
   g = oasis.from_config(config)
   d = config.data
   seg = jax.ShapeDtypeStruct((batch, d.height, d.width, d.num_classes), jnp.float32)

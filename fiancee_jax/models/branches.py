@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from fiancee_jax.config import oasis_widths, scaled_width
-from fiancee_jax.models.layers import SNConv, SPADEResBlock, nearest_down, up2
-from fiancee_jax.models.megaportraits import (ResBlock2D, downsample_bilinear, dtype_of,
+from fiancee_jax.nn.layers import SNConv, SPADEResBlock, nearest_down, up2
+from fiancee_jax.backbones.megaportraits.model import (ResBlock2D, downsample_bilinear, dtype_of,
                                               to_image, upsample_bilinear2x)
 
 Dtype = Any

@@ -33,10 +33,11 @@ import optax
 from jax import lax
 
 from fiancee_jax import config as cfg
-from fiancee_jax import losses
+from fiancee_jax.backbones.oasis import losses
 from fiancee_jax.metrics import vgg_loss as vgg_lib
-from fiancee_jax.models import discriminators, oasis
-from fiancee_jax.models.layers import MUTABLE, torch_default_scale_sn_kernels
+from fiancee_jax.backbones.oasis import discriminator as discriminators
+from fiancee_jax.backbones.oasis import model as oasis
+from fiancee_jax.nn.layers import MUTABLE, torch_default_scale_sn_kernels
 from fiancee_jax.train import bn_refresh, checkpoint, loop, parallel
 from fiancee_jax.train import logging as tlog
 from fiancee_jax.train.state import GANState, StepState, adam, ema_update, split_variables

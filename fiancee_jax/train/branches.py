@@ -36,11 +36,13 @@ import optax
 from jax import lax
 
 from fiancee_jax import config as cfg
-from fiancee_jax import fiancee, losses
+from fiancee_jax import fiancee
+from fiancee_jax.backbones.oasis import losses
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.metrics import vgg_loss as vgg_lib
-from fiancee_jax.models import discriminators, oasis
-from fiancee_jax.models.layers import torch_default_scale_sn_kernels
+from fiancee_jax.backbones.oasis import discriminator as discriminators
+from fiancee_jax.backbones.oasis import model as oasis
+from fiancee_jax.nn.layers import torch_default_scale_sn_kernels
 from fiancee_jax.train import backbone as bb
 from fiancee_jax.train import checkpoint, loop, parallel
 from fiancee_jax.train import logging as tlog
@@ -171,7 +173,7 @@ def frozen_forward(models: Models, frozen: Frozen, seg: jax.Array, z: jax.Array
   target = g.apply(gv, x, method='head')
   guide = None
   if models.use_bank:
-    from fiancee_jax import bank as bank_lib  # noqa: PLC0415
+    from fiancee_jax.core import bank as bank_lib  # noqa: PLC0415
     q = feats[f'block{models.key_block}']
     guide = bank_lib.retrieve(frozen.bank, q, bank_lib.grid_classes(seg, q.shape[1:3]),
                               backend=models.backend)

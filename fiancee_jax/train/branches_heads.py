@@ -44,8 +44,9 @@ import optax
 from jax import lax
 
 from fiancee_jax import config as cfg
-from fiancee_jax import fiancee, fiancee_heads, losses_heads
-from fiancee_jax.models import patch_discriminator
+from fiancee_jax import fiancee, fiancee_heads
+from fiancee_jax.backbones.megaportraits import losses as losses_heads
+from fiancee_jax.backbones.megaportraits import discriminator as patch_discriminator
 from fiancee_jax.train import branches as tb
 from fiancee_jax.train import checkpoint, heads, loop, parallel
 from fiancee_jax.train import logging as tlog

@@ -41,8 +41,9 @@ import optax
 from jax import lax
 
 from fiancee_jax import config as cfg
-from fiancee_jax import losses_heads
-from fiancee_jax.models import megaportraits, patch_discriminator
+from fiancee_jax.backbones.megaportraits import losses as losses_heads
+from fiancee_jax.backbones.megaportraits import discriminator as patch_discriminator
+from fiancee_jax.backbones.megaportraits import model as megaportraits
 from fiancee_jax.train import bn_refresh, checkpoint, loop, parallel
 from fiancee_jax.train import logging as tlog
 from fiancee_jax.train.state import GANState, StepState, adam, ema_update, split_variables

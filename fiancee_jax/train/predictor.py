@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from fiancee_jax import config as cfg
-from fiancee_jax import routing
+from fiancee_jax.core import routing
 from fiancee_jax.io_utils import atomic_open, atomic_write
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.models import predictor as predictor_lib

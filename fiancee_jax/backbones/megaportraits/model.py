@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from fiancee_jax.models.layers import SyncBatchNorm
+from fiancee_jax.nn.layers import SyncBatchNorm
 
 Dtype = Any
 Array = jax.Array

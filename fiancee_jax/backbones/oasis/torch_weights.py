@@ -13,7 +13,7 @@ Kernels OIHW -> HWIO; v is permuted from torch's (in, kh, kw) flattening to ours
 uses exactly torch's eval weight weight_orig / (u^T W v) (no power iteration), and the
 import can still be fine-tuned. `num_batches_tracked` is ignored.
 
-  python -m fiancee_jax.weights.oasis_torch best_EMA.pth --config configs/oasis_cityscapes.py \
+  python -m fiancee_jax.backbones.oasis.torch_weights best_EMA.pth --config configs/oasis_cityscapes.py \
       --out runs/cs
 writes a backbone checkpoint (step 0) that `train.checkpoint.load_backbone` and the later
 stages (build_bank.py, branches, predictor) accept.
@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fiancee_jax.models import discriminators, oasis
+from fiancee_jax.backbones.oasis import discriminator as discriminators
+
+from fiancee_jax.backbones.oasis import model as oasis
 from fiancee_jax.errors import FianceeError
 
 _CONV = re.compile(r'^(fc|conv_img)\.(weight|bias)$')

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from fiancee_jax.models.layers import SNConv, avg_pool2, up2
+from fiancee_jax.nn.layers import SNConv, avg_pool2, up2
 
 Dtype = Any
 

@@ -21,7 +21,7 @@ import flax.linen as nn
 import numpy as np
 
 from fiancee_jax.config import oasis_widths
-from fiancee_jax.models.layers import SNConv, SPADEResBlock, nearest_down, up2
+from fiancee_jax.nn.layers import SNConv, SPADEResBlock, nearest_down, up2
 
 NUM_BLOCKS = 6
 Dtype = Any

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from fiancee_jax.models import layers
+from fiancee_jax.nn import layers
 
 Dtype = Any
 Array = jax.Array
