@@ -374,7 +374,7 @@ def _register() -> None:
   flops.register_routes('oasis', _flops_routes)
 
 
-_register()
+# _register()
 
 
 # ------------------------------------------------------------------------------ loading
