@@ -56,22 +56,22 @@ def main(argv):
   from fiancee_jax.train import parallel
   try:
     parallel.initialize()  # several processes: before any other JAX call
-    from fiancee_jax import infer_lib
+    from fiancee_jax import registry
+    from fiancee_jax.infer import engine, inputs, sweep
+    bb = registry.get(FLAGS.config)
     if FLAGS.sweep:
-      ts = None if FLAGS.thresholds is None else [infer_lib.check_threshold(t, 'thresholds')
+      ts = None if FLAGS.thresholds is None else [inputs.check_threshold(t, 'thresholds')
                                                    for t in FLAGS.thresholds]
-      summary = infer_lib.sweep(FLAGS.config, FLAGS.workdir, thresholds=ts,
-                                repeats=FLAGS.repeats)
+      summary = sweep.sweep(bb, FLAGS.workdir, thresholds=ts, repeats=FLAGS.repeats)
       print(json.dumps(summary, default=str))
       return
-    t = infer_lib.check_threshold(FLAGS.threshold)
-    info = infer_lib.infer_file(FLAGS.config, FLAGS.workdir, label=FLAGS.label,
-                                index=FLAGS.index, split=FLAGS.split, noise_seed=FLAGS.noise_seed,
-                                threshold=t, offset=FLAGS.offset, verify=FLAGS.verify,
-                                out=FLAGS.out, repeats=max(FLAGS.repeats, 1),
-                                source=FLAGS.source, driver=FLAGS.driver,
-                                source_index=FLAGS.source_index,
-                                driver_index=FLAGS.driver_index, identity=FLAGS.identity)
+    t = inputs.check_threshold(FLAGS.threshold)
+    info = engine.infer_file(bb, FLAGS.workdir, threshold=t, offset=FLAGS.offset,
+                             verify=FLAGS.verify, out=FLAGS.out, repeats=max(FLAGS.repeats, 1),
+                             label=FLAGS.label, index=FLAGS.index, split=FLAGS.split,
+                             noise_seed=FLAGS.noise_seed, source=FLAGS.source,
+                             driver=FLAGS.driver, source_index=FLAGS.source_index,
+                             driver_index=FLAGS.driver_index, identity=FLAGS.identity)
     print(json.dumps(info))
   except (FianceeError, FileNotFoundError) as e:  # bad input, missing weight files: one line
     sys.exit(f'infer.py: {e}')

@@ -15,7 +15,8 @@ import os
 import jax
 
 from fiancee_jax import config as cfg
-from fiancee_jax import fiancee
+from fiancee_jax import registry
+from fiancee_jax.core.pipeline import PipelineError
 from fiancee_jax.train import branches
 
 
@@ -26,18 +27,18 @@ def main() -> None:
   ap.add_argument('--num', type=int, default=100, help='test maps evaluated')
   ap.add_argument('--out', default=None, help='folder for sample grids (default: workdir)')
   a = ap.parse_args()
-  config = cfg.load(a.config)
+  bb = registry.get(cfg.load(a.config))
   out = a.out or a.workdir
   for use_bank in (True, False):
     try:
-      rows = branches.evaluate_exits(config, a.workdir, 'test', use_bank, num=a.num)
-    except fiancee.PipelineError as e:
+      rows = branches.evaluate_exits(bb, a.workdir, 'test', use_bank, num=a.num)
+    except PipelineError as e:
       print(json.dumps({'bank': use_bank, 'skipped': str(e)}))
       continue
     for route, r in rows.items():
       print(json.dumps({'name': 'exit_quality', 'bank': use_bank, 'route': route, **r,
                         'device': str(jax.devices()[0])}), flush=True)
-    branches.sample_grid(config, a.workdir, os.path.join(
+    branches.sample_grid(bb, a.workdir, os.path.join(
         out, f'exits_{"bank" if use_bank else "nobank"}.png'), use_bank=use_bank)
 
 

@@ -40,7 +40,7 @@ def bench_config(path: str, batches: list[int], repeats: int) -> list[dict]:
   import torch
 
   from fiancee_jax import config as cfg
-  from fiancee_jax.backbones.oasis import model as oasis
+  from fiancee_jax import registry
   from fiancee_jax.backbones.oasis import torch_weights as oasis_torch
   from tests.torch_oasis_ref import OASISGenerator
 
@@ -50,6 +50,7 @@ def bench_config(path: str, batches: list[int], repeats: int) -> list[dict]:
     with config.unlocked():
       config.data.height, config.data.width = (int(v) for v in size.split('x'))
     cfg.validate(config)
+  bb = registry.get(config)
   m, d = config.model, config.data
   torch.manual_seed(0)
   ref = OASISGenerator(d.num_classes, d.height, d.width, ch=m.ch, z_dim=m.z_dim,
@@ -64,7 +65,7 @@ def bench_config(path: str, batches: list[int], repeats: int) -> list[dict]:
   with tempfile.TemporaryDirectory() as tmp:
     ckpt = os.path.join(tmp, 'bench_EMA.pth')
     torch.save(ref.state_dict(), ckpt)
-    g = oasis.from_config(config)
+    g = bb.generator()
     variables = oasis_torch.import_generator(ckpt, g)
   fwd = jax.jit(lambda v, s, z: g.apply(v, s, z, False)[0])
   rows = []

@@ -35,7 +35,7 @@ def _latest_step(workdir: str, stage: str) -> int | None:
 
 def stage_done(config: Any, workdir: str, stage: str) -> bool:
   """Whether `stage`'s output in `workdir` is complete for this config."""
-  from fiancee_jax.train import predictor as tp  # noqa: PLC0415
+  from fiancee_jax import workdir as wd  # noqa: PLC0415
   if stage == 'data':
     return False  # prepare() itself is idempotent and cheap when done
   if stage in ('backbone', 'branches', 'predictor'):
@@ -44,14 +44,13 @@ def stage_done(config: Any, workdir: str, stage: str) -> bool:
     step = _latest_step(workdir, stage)
     return step is not None and step >= want
   if stage == 'bank':
-    return os.path.exists(os.path.join(os.path.abspath(workdir), 'bank', 'manifest.json'))
+    return os.path.exists(os.path.join(wd.bank_dir(workdir), 'manifest.json'))
   if stage == 'report':
-    summary = os.path.join(os.path.abspath(workdir), 'report', 'summary.json')
-    from fiancee_jax.train import checkpoint  # noqa: PLC0415
-    pred = checkpoint.checkpoint_dir(workdir, 'predictor')
+    summary = os.path.join(wd.report_dir(workdir), 'summary.json')
+    pred = wd.checkpoint_dir(workdir, 'predictor')
     return (os.path.exists(summary) and os.path.isdir(pred)
             and os.path.getmtime(summary) >= os.path.getmtime(pred)
-            and os.path.exists(os.path.join(tp.stage_dir(workdir), 'eval.json')))
+            and os.path.exists(os.path.join(wd.predictor_dir(workdir), 'eval.json')))
   raise ValueError(f'stage {stage!r}: expected one of {STAGES}')
 
 
@@ -78,9 +77,10 @@ def headline(summary: dict[str, Any]) -> str:
 def run(config: Any, workdir: str, config_arg: Sequence[str], *,
         backbone_from: str | None = None, stages: Sequence[str] = STAGES) -> dict[str, Any]:
   """Run the missing stages; returns the report summary."""
-  from fiancee_jax import config as cfg  # noqa: PLC0415
-  from fiancee_jax import data, infer_lib  # noqa: PLC0415
-  from fiancee_jax.train import checkpoint  # noqa: PLC0415
+  from fiancee_jax import data, registry  # noqa: PLC0415
+  from fiancee_jax import workdir as wd  # noqa: PLC0415
+  from fiancee_jax.infer import sweep  # noqa: PLC0415
+  bb = registry.get(config)
   os.makedirs(workdir, exist_ok=True)
   t_all = time.perf_counter()
   summary = None
@@ -92,16 +92,16 @@ def run(config: Any, workdir: str, config_arg: Sequence[str], *,
     t0 = time.perf_counter()
     print(f'{head}: running', flush=True)
     if stage == 'data':
-      path = data.prepare(config.data, cfg.data_dir(config, workdir))
+      path = data.prepare(config.data, wd.data_dir(config, workdir))
       print(f'{head}: {path}', flush=True)
     elif stage == 'report':
-      summary = infer_lib.sweep(config, workdir)
+      summary = sweep.sweep(bb, workdir)
     else:
       if stage == 'backbone' and backbone_from and _latest_step(workdir, 'backbone') is None:
-        src = checkpoint.checkpoint_dir(backbone_from, 'backbone')
+        src = wd.checkpoint_dir(backbone_from, 'backbone')
         if not os.path.isdir(src):
           raise FileNotFoundError(f'--backbone_from={backbone_from!r}: no {src}')
-        shutil.copytree(src, checkpoint.checkpoint_dir(workdir, 'backbone'))
+        shutil.copytree(src, wd.checkpoint_dir(workdir, 'backbone'))
         print(f'{head}: copied the shipped checkpoint {src}', flush=True)
         if stage_done(config, workdir, stage):
           continue
@@ -113,7 +113,7 @@ def run(config: Any, workdir: str, config_arg: Sequence[str], *,
                          'are reused')
     print(f'{head}: {time.perf_counter() - t0:.0f} s', flush=True)
   if summary is None:
-    with open(os.path.join(os.path.abspath(workdir), 'report', 'summary.json')) as f:
+    with open(os.path.join(wd.report_dir(workdir), 'summary.json')) as f:
       summary = json.load(f)
   print(f'[demo] all stages in {time.perf_counter() - t_all:.0f} s', flush=True)
   print(f'[demo] report: {summary["report"]}', flush=True)

@@ -172,6 +172,16 @@ class Backbone(abc.ABC):
     """The bank stage (build_bank.py): banks of this backbone under `<workdir>/bank`."""
     raise NotImplementedError(f'{self.name}: no bank')
 
+  # ---------------------------------------------------------------- inference
+
+  def infer_inputs(self) -> Any:
+    """What inference reads for this backbone (`fiancee_jax.infer`): a
+    `fiancee_jax.infer.inputs.BackboneInputs` that turns infer.py's input flags into route
+    inputs (`from_flags`, checked before any stage loads), predictor split rows into route
+    inputs (`from_rows`), and says the sample grid's input columns and the report's kind.
+    A backbone used only through the Python API may leave it out."""
+    raise NotImplementedError(f'{self.name}: no infer.py inputs')
+
   # ---------------------------------------------------------------- costs
 
   @abc.abstractmethod

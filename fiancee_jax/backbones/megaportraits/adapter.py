@@ -19,6 +19,7 @@ import numpy as np
 
 from fiancee_jax.backbones.megaportraits import discriminator as discriminator_lib
 from fiancee_jax.backbones.megaportraits import frame_banks
+from fiancee_jax.backbones.megaportraits import inputs as inputs_lib
 from fiancee_jax.backbones.megaportraits import model as megaportraits
 from fiancee_jax.backbones.megaportraits.exits import FRAME_CHANNELS, G2DBranch, MotionPredictor
 from fiancee_jax.core import bank as bank_lib
@@ -138,6 +139,11 @@ class MegaPortraits(Backbone):
     return frame_banks.build_bank(self.config, self.bank_shapes(), workdir, gen_vars,
                                   backbone_step, force=force, batch_size=batch_size,
                                   progress=progress, identities=identities)
+
+  # ---------------------------------------------------------------- inference
+
+  def infer_inputs(self) -> inputs_lib.HeadInputs:
+    return inputs_lib.HeadInputs(self.config)
 
   # ---------------------------------------------------------------- costs
 

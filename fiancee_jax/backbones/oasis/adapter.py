@@ -17,6 +17,7 @@ import numpy as np
 
 from fiancee_jax.backbones.oasis import bank_inputs
 from fiancee_jax.backbones.oasis import discriminator as discriminator_lib
+from fiancee_jax.backbones.oasis import inputs as inputs_lib
 from fiancee_jax.backbones.oasis import model as oasis
 from fiancee_jax.backbones.oasis.exits import OASISBranch, OASISPredictor
 from fiancee_jax.config import oasis_widths
@@ -160,6 +161,11 @@ class OASIS(Backbone):
     return bank_inputs.build_bank(self.config, self.bank_shapes(), workdir, gen_vars,
                                   backbone_step, force=force, batch_size=batch_size,
                                   progress=progress)
+
+  # ---------------------------------------------------------------- inference
+
+  def infer_inputs(self) -> inputs_lib.OASISInputs:
+    return inputs_lib.OASISInputs(self.config)
 
   # ---------------------------------------------------------------- costs
 

@@ -3,10 +3,10 @@ import json
 import os
 
 import numpy as np
-
-from fiancee_jax import report
+from PIL import Image
 
 from fiancee_jax.core import routing
+from fiancee_jax.infer import report
 
 
 def _result():
@@ -58,4 +58,31 @@ def test_write_report(tmp_path):
     assert f'| {name} | {res["costs"][e]:.3f} | {with_bank:.4f} | {without:.4f} |' in md
   s = json.load(open(paths['summary']))
   assert s['gain_gmacs_per_lpips'] == 'nan' and s['gmacs_share'] == 0.5
+  assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+
+
+def test_heads_report_from_synthetic_result(tmp_path):
+  res = _result()
+  n = len(res['true'])
+  rng = np.random.default_rng(1)
+  imgs = res['samples']['exits']
+  res.update(kind='heads', rotation={
+      'angle_source': 'ground-truth pose', 'driver_angle': rng.uniform(0, 45, n),
+      'key_angle': rng.uniform(0, 30, n), 'exits_taken': rng.integers(0, 3, n).tolist(),
+      'threshold': 0.1})
+  res['samples'] = {'inputs': [('source', imgs[0]), ('driver', imgs[1]),
+                               ('bank frame', imgs[2])],
+                    'exits': imgs, 'routed': imgs[1], 'routed_exit': [1, 2]}
+  paths = report.write(str(tmp_path), res)
+  assert set(report.HEADS_FIGURES) >= {'fig7_exits_gmacs.png', 'fig6_quality_compute.png',
+                                       'fig10_exits_vs_rotation.png', 'samples.png'}
+  for name in report.HEADS_FIGURES:
+    assert os.path.getsize(paths[name]) > 1000, name
+  md = open(paths['report']).read()
+  taken = np.asarray(res['rotation']['exits_taken'])
+  assert '## Routes vs head rotation (Fig. 10)' in md
+  assert f'| exit 1 | {int((taken == 0).sum())} | ' in md
+  # samples: 3 input columns + backbone + 2 exits + routed, 2 rows
+  h, w = imgs[0].shape[1:3]
+  assert np.asarray(Image.open(paths['samples.png'])).shape == (2 * h, 7 * w, 3)
   assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]

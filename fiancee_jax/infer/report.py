@@ -3,8 +3,9 @@ Figs. 3, 4, 8, 9 and Tables S3 / S4 (OASIS) or Figs. 5, 6, 7, 10 and Table S6 (h
 plus what the paper does not show: the realised violation rate, and measured wall-clock
 latency of every route and of routed batched inference.
 
-`write(out_dir, result)` takes the dict built by `infer_lib.sweep` (its 'kind': 'oasis' or
-'heads' picks the figure names and the wording) and writes report.md, summary.json,
+`write(out_dir, result)` takes the dict built by `infer.sweep.sweep` (its 'kind', declared by
+the adapter's `infer_inputs().report_kind`, picks the figure names and the wording; a
+'rotation' entry adds Fig. 10, 'samples' with 'inputs' columns the Fig. 5 layout) and writes report.md, summary.json,
 sweep.json and the figures (`figures(kind)`) into `out_dir`, each file atomically
 (`io_utils.atomic_write`). summary.json is removed first and written last: when it exists,
 every other file is complete and from the same sweep (a killed write leaves no summary.json,
@@ -22,7 +23,8 @@ import numpy as np
 
 from fiancee_jax.io_utils import atomic_write
 
-# Figure files by role; the paper numbers them differently for the two backbones.
+# Figure files by role, per report kind; the paper numbers them differently for its two
+# experiments (semantic synthesis: 'oasis'; head avatars: 'heads').
 _FIGURE_NAMES = {
     'oasis': {'exits_gmacs': 'fig3_exits_gmacs.png', 'quality_compute': 'fig4_quality_compute.png',
               'lpips_per_exit': 'fig8_lpips_per_exit.png',
@@ -32,6 +34,7 @@ _FIGURE_NAMES = {
               'rotation': 'fig10_exits_vs_rotation.png',
               'key_angle': 'fig10_lpips_vs_key_angle.png'},
 }
+_ROTATION_ROLES = ('rotation', 'key_angle')   # drawn from res['rotation'] (Fig. 10)
 _COMMON_FIGURES = {'violation': 'violation_rate.png', 'latency': 'latency.png',
                    'samples': 'samples.png'}
 
@@ -289,7 +292,17 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 
 def _kind(res: dict[str, Any]) -> str:
-  return res.get('kind', 'oasis')
+  """The result's report kind (declared by the adapter; 'oasis' when a result has none)."""
+  kind = res.get('kind', 'oasis')
+  if kind not in _FIGURE_NAMES:
+    raise ValueError(f'report kind {kind!r}: expected one of {sorted(_FIGURE_NAMES)}')
+  return kind
+
+
+def _figure_names(res: dict[str, Any]) -> dict[str, str]:
+  """{role: file} of the figures this result has data for."""
+  return {role: name for role, name in {**_FIGURE_NAMES[_kind(res)], **_COMMON_FIGURES}.items()
+          if role not in _ROTATION_ROLES or res.get('rotation') is not None}
 
 
 def _rotation_md(res: dict[str, Any], fig: dict[str, str]) -> list[str]:
@@ -387,7 +400,7 @@ def markdown(res: dict[str, Any]) -> str:
       f'![per-exit LPIPS]({fig["lpips_per_exit"]})', '',
       'Each exit alone vs the predictor enforcing that exit\'s mean LPIPS (paper rule):', '',
       f'![single vs routed]({fig["single_vs_routed"]})', '']
-  if kind == 'heads':
+  if res.get('rotation') is not None:
     lines += _rotation_md(res, fig)
   ev = res.get('predictor_eval')
   if ev:
@@ -400,7 +413,7 @@ def markdown(res: dict[str, Any]) -> str:
                                                    ev[split]['rel_error'])
                      + f' | {100 * ev[split]["mean_rel_error"]:.1f}% |')
     lines.append('')
-  routes = ['backbone'] + names[:-1] if kind == 'heads' else names
+  routes = ['backbone'] + names[:-1] if 'inputs' in res['samples'] else names
   lines += ['## Samples', '', f'{text["sample_inputs"]} | ' + ' | '.join(routes) + ' | routed '
             f'(routes taken: {res["samples"]["routed_exit"]})', '',
             f'![samples]({_COMMON_FIGURES["samples"]})', '']
@@ -425,7 +438,7 @@ def _jsonable(x: Any) -> Any:
 def write(out_dir: str, res: dict[str, Any]) -> dict[str, str]:
   """Write every figure, report.md and summary.json (+ sweep.json with all rows).
   summary.json goes first and comes back last (the report's completion mark)."""
-  kind = _kind(res)
+  names = _figure_names(res)
   os.makedirs(out_dir, exist_ok=True)
   p = lambda name: os.path.join(out_dir, name)
   if os.path.exists(p('summary.json')):
@@ -433,7 +446,7 @@ def write(out_dir: str, res: dict[str, Any]) -> dict[str, str]:
   makers = {'exits_gmacs': fig3, 'quality_compute': fig4, 'lpips_per_exit': fig8,
             'single_vs_routed': fig9, 'rotation': fig10_rotation, 'key_angle': fig10_key_angle,
             'violation': fig_violation, 'latency': fig_latency, 'samples': samples_png}
-  for role, name in {**_FIGURE_NAMES[kind], **_COMMON_FIGURES}.items():
+  for role, name in names.items():
     makers[role](p(name), res)
   report = p('report.md')
   summary = dict(res['summary'], report=report)
@@ -443,4 +456,4 @@ def write(out_dir: str, res: dict[str, Any]) -> dict[str, str]:
   atomic_write(report, markdown(res))
   atomic_write(p('summary.json'), json.dumps(_jsonable(summary), indent=1))
   return {'report': report, 'summary': p('summary.json'),
-          **{name: p(name) for name in figures(kind)}}
+          **{name: p(name) for name in names.values()}}

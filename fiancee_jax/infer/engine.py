@@ -1,0 +1,227 @@
+"""The compiled inference pipeline (`Engine`) and routing of one input or a batch (Sec. 3.2).
+
+One input: backbone prefix -> predictor -> the cheapest exit whose predicted LPIPS (+ the
+conformal offset, when asked) is <= the threshold -> that route, continuing from the prefix,
+all in one jitted call (`Engine.routed_one`: `routing.routed_apply`, whose `lax.switch` runs
+only the chosen route; the guide is retrieved inside the exit routes, not for the backbone's).
+A batch: the predictor once, exits chosen on the host, each route on its rows
+(`routing.run_bucketed`).
+
+Route inputs are the adapter's (`Backbone.abstract_inputs`; OASIS: labels (B, H, W) int32 and
+z (B, z_dim); head avatars: source, driver (B, H, W, 3) in [-1, 1] and the source identity
+(B,)). An `Engine` is built once by its caller from a `core.pipeline.Pipeline`; params stay jit
+arguments (`engine.params`, or others of the same shapes).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fiancee_jax import workdir as wd
+from fiancee_jax.core import pipeline as pl
+from fiancee_jax.core import routing, stages
+from fiancee_jax.core.interface import Backbone
+from fiancee_jax.infer import inputs as inputs_lib
+from fiancee_jax.infer.inputs import TARGET_LPIPS
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+
+def block(x: Any) -> Any:
+  return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, 'block_until_ready')
+                                else a, x)
+
+
+def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+  """Median wall-clock seconds of fn() (outputs blocked on), after `warmup` calls."""
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  for _ in range(max(repeats, 1)):
+    t0 = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, 'device_kind', d.platform)
+  return f'{d.platform}:{kind} ({platform.processor() or platform.machine()}, ' \
+         f'{os.cpu_count()} cpus)' if d.platform == 'cpu' else f'{d.platform}:{kind}'
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled pipeline.
+
+
+class Engine:
+  """Jitted functions of one pipeline, each `fn(params, *inputs)` (inputs with a leading batch
+  axis B):
+
+    predict(params, *x)      -> (B, E) predicted LPIPS (prefix + predictor)
+    prefix(params, *x)       -> the `Prefix` (what every route shares)
+    guide(params, *x)        -> (the `Prefix`, the bank's guide (B, ...) or None when unguided)
+    routed_one(params, x, threshold, costs, offset) -> (image (1, H, W, 3), {'exit', 'pred_lpips'})
+    all(params, *x)          -> ([image of every route, route order], {'pred_in', 'guide'})
+    routes[r](params, *x)    -> image of route r only (exits in order, then the backbone)
+  """
+
+  def __init__(self, pipeline: pl.Pipeline, backend: str | None = None):
+    p = self.pipeline = pipeline
+    self.backend = backend
+    self.exits = tuple(int(k) for k in p.exits)
+    self.costs = np.asarray(p.costs, np.float64)
+    n = len(self.exits)
+
+    def predict(params, *x):
+      return pl.predict(p, params, pl.prefix(p, params, *x))
+
+    def guide(params, *x):   # the prefix too: what a guided route runs before its blocks
+      pre = pl.prefix(p, params, *x)
+      return pre, pl.guide(p, params, pre, backend)
+
+    def route_from(r, params, pre):   # the guide only on the exits' routes
+      g = pl.guide(p, params, pre, backend) if r < n else None
+      return pl.route_image(p, params, r, pre, g)
+
+    def routed_one(params, x, threshold, costs, offset):
+      return routing.routed_apply(
+          lambda prm, xx: pl.prefix(p, prm, *xx),
+          lambda prm, pre: pl.predict(p, prm, pre)[0],
+          tuple(functools.partial(route_from, r) for r in range(n + 1)),
+          params, tuple(x), threshold, costs, offset)
+
+    def every(params, *x):  # a list in route order (int and str dict keys do not sort)
+      out = pl.all_images(p, params, *x, backend=backend)
+      return ([out[k] for k in list(self.exits) + ['backbone']],
+              {'pred_in': out['pred_in'], 'guide': out.get('guide')})
+
+    self.predict = jax.jit(predict)
+    self.prefix = jax.jit(functools.partial(pl.prefix, p))
+    self.guide = jax.jit(guide)
+    self.routed_one = jax.jit(routed_one)
+    self.all = jax.jit(every)
+    self.routes = [jax.jit(r) for r in pl.route_fns(p, backend)]
+
+  @property
+  def params(self) -> dict:
+    return self.pipeline.params
+
+  @property
+  def config(self):
+    return self.pipeline.config
+
+  def route_name(self, route: int) -> str:
+    return f'exit{self.exits[route]}' if route < len(self.exits) else 'backbone'
+
+  def routed_batch(self, inputs: Sequence[Any], threshold: float, offset: float = 0.0,
+                   bucket_sizes: Sequence[int] | None = None,
+                   timings: dict[str, float] | None = None) -> tuple[jax.Array, np.ndarray]:
+    """A batch (`inputs` leading axis B): predictor once for the batch, exits on the host,
+    then each route on its bucket (`routing.run_bucketed`). Returns (images (B, H, W, 3),
+    exits (B,)). With `timings`, adds the seconds spent in prediction ('predict') and in route
+    calls ('routes')."""
+    params = self.params
+    sizes = tuple(bucket_sizes or self.config.routing.bucket_sizes)
+    inputs = tuple(jnp.asarray(x) for x in inputs)
+    t0 = time.perf_counter()
+    pred = np.asarray(self.predict(params, *inputs))
+    t1 = time.perf_counter()
+    exits = np.asarray(routing.choose_exit(pred, threshold, self.costs, offset))
+    spent = [0.0]
+
+    def wrap(r):
+      def call(x):
+        s = time.perf_counter()
+        out = block(r(params, *x))
+        spent[0] += time.perf_counter() - s
+        return out
+      return call
+
+    images = routing.run_bucketed([wrap(r) for r in self.routes], exits, inputs, sizes)
+    if timings is not None:
+      timings['predict'] = timings.get('predict', 0.0) + (t1 - t0)
+      timings['routes'] = timings.get('routes', 0.0) + spent[0]
+    return images, exits
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, one input.
+
+
+def load(backbone: Backbone, workdir: str,
+         stage_names: Sequence[str] = stages.STAGES, **bank_select: Any) -> pl.Pipeline:
+  """The trained pipeline; a missing workdir or stage ends in one error naming the command to
+  run. `bank_select` picks part of the bank (heads: identities=[...])."""
+  inputs_lib.check_workdir(workdir)
+  return stages.load_pipeline(backbone, workdir, stages=tuple(stage_names), **bank_select)
+
+
+def route_one(engine: Engine, inputs: Sequence[Any], threshold: float, *, offset: float = 0.0,
+              verify: bool = False, repeats: int = 5) -> tuple[np.ndarray, dict[str, Any]]:
+  """Route one input (`inputs` = route inputs with batch 1); returns (image (H, W, 3) in
+  [-1, 1], info: exit (block index or 'backbone'), route index, predicted LPIPS of every exit
+  and of the chosen one, GMACs (and share of the backbone), latency (median of `repeats`
+  after warm-up), and with `verify` the true LPIPS of the chosen route against the backbone
+  image)."""
+  t = inputs_lib.check_threshold(threshold)
+  params, costs = engine.params, engine.costs
+  inputs = tuple(jnp.asarray(x) for x in inputs)
+  c32 = jnp.asarray(costs, jnp.float32)
+  run = lambda: engine.routed_one(params, inputs, jnp.float32(t), c32, jnp.float32(offset))  # noqa: E731
+  latency = time_fn(run, repeats)
+  image, aux = run()
+  route = int(aux['exit'])
+  pred = np.asarray(aux['pred_lpips'], np.float64)
+  exits = list(engine.exits)
+  info: dict[str, Any] = {
+      'threshold': t, 'offset': float(offset), 'route': route,
+      'exit': int(exits[route]) if route < len(exits) else 'backbone',
+      'pred_lpips': {f'exit{k}': float(v) for k, v in zip(exits, pred)},
+      'pred_lpips_chosen': float(pred[route]) if route < len(exits) else 0.0,
+      'gmacs': float(costs[route]), 'gmacs_share': float(costs[route] / costs[-1]),
+      'latency_ms': 1e3 * latency, 'device': device_name()}
+  if verify:
+    from fiancee_jax.metrics import lpips as lpips_lib  # noqa: PLC0415 (VGG weights: verify only)
+    imgs, _ = engine.all(params, *inputs)
+    ref, lp = imgs[-1], lpips_lib.load()
+    info['true_lpips'] = 0.0 if route == len(exits) else float(lp(jnp.asarray(image), ref)[0])
+    info['true_lpips_all'] = {f'exit{k}': float(lp(imgs[e], ref)[0])
+                              for e, k in enumerate(exits)}
+  return np.asarray(image[0]), info
+
+
+def write_image(out: str, image: np.ndarray) -> None:
+  from fiancee_jax.train import logging as tlog  # noqa: PLC0415
+  tlog.write_png(out, tlog.to_uint8(image))
+
+
+def infer_file(backbone: Backbone, workdir: str, *, threshold: Any = TARGET_LPIPS,
+               offset: float = 0.0, verify: bool = False, out: str | None = None,
+               repeats: int = 5, engine: Engine | None = None, **flags: Any) -> dict[str, Any]:
+  """`infer.py` for one input -> writes the image (default `<workdir>/infer/<name>_t<t>.png`)
+  and returns the info dict (with `image` = the written path). `flags`: infer.py's input
+  flags (label, index, split, noise_seed / source, driver, source_index, driver_index,
+  identity), read by the adapter's `infer_inputs().from_flags` before any stage is loaded."""
+  t = inputs_lib.check_threshold(threshold)
+  req = backbone.infer_inputs().from_flags(workdir, flags)
+  if engine is None:
+    engine = Engine(load(backbone, workdir, **req.bank_select))
+  image, info = route_one(engine, req.inputs, t, offset=offset, verify=verify, repeats=repeats)
+  out = out or os.path.join(wd.infer_dir(workdir), f'{req.name}_t{t:g}.png')
+  write_image(out, image)
+  info.update(image=out, **req.info)
+  return info

@@ -1,0 +1,62 @@
+"""The compiled pipeline on OASIS (trained tiny workdir, opt-in: FIANCEE_PIPELINE_TESTS=1):
+one input -> JSON + PNG, batched routing == per input. Head avatars: tests/infer/test_sweep_heads.py
+(its workdir is built once for the engine and the sweep)."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from fiancee_jax import registry
+from fiancee_jax.core import predictor_data, routing
+from fiancee_jax.infer import engine as engine_lib
+from fiancee_jax.train import predictor as tp
+from tests.test_train_predictor import pipeline, tiny_config, tiny_workdir
+
+
+@pipeline
+def test_single_input(tmp_path):
+  c = tiny_config()
+  bb = registry.get(c)
+  wd = tiny_workdir()
+  out = str(tmp_path / 'one.png')
+  info = engine_lib.infer_file(bb, wd, index=1, noise_seed=3, threshold=0.3, verify=True,
+                               out=out, repeats=1)
+  img = np.asarray(Image.open(out))
+  assert img.shape == (c.data.height, c.data.width, 3)
+  for key in ('exit', 'route', 'pred_lpips', 'true_lpips', 'gmacs', 'latency_ms', 'device'):
+    assert key in info
+  json.dumps(info)
+  pl = engine_lib.load(bb, wd)
+  pred = np.array(list(info['pred_lpips'].values()))
+  assert info['route'] == int(routing.choose_exit(pred, 0.3, pl.costs))
+  assert info['gmacs'] == pytest.approx(float(pl.costs[info['route']]))
+  if info['exit'] == 'backbone':
+    assert info['true_lpips'] == 0.0
+  else:
+    assert info['true_lpips'] == pytest.approx(info['true_lpips_all'][f'exit{info["exit"]}'],
+                                               rel=1e-4)
+
+
+@pipeline
+def test_batched_routing_equals_per_input():
+  c = tiny_config()
+  bb = registry.get(c)
+  wd = tiny_workdir()
+  eng = engine_lib.Engine(engine_lib.load(bb, wd))
+  pl = eng.pipeline
+  rows = predictor_data.dataset(bb, wd, 'test')
+  labels, z = (x[:4] for x in bb.infer_inputs().from_rows(wd, rows)[0])
+  pred = tp.predict(pl.predictor, pl.params['predictor']['params'], rows['feats'][:4])
+  # Between the 2nd and 3rd smallest exit-1 predictions: two inputs take the cheapest exit,
+  # the other two go further (another exit or the backbone).
+  # (An untrained tiny predictor may predict negative values: route at t = 1 with an offset.)
+  p0 = np.sort(np.asarray(pred)[:, 0])
+  assert p0[1] < p0[2], p0
+  offset = 1.0 - float(p0[1] + p0[2]) / 2
+  images, exits = eng.routed_batch((labels, z), 1.0, offset=offset, bucket_sizes=(1, 4))
+  assert len(set(exits.tolist())) >= 2, exits
+  for i in range(4):
+    one = eng.routes[exits[i]](pl.params, jnp.asarray(labels[i:i + 1]), jnp.asarray(z[i:i + 1]))
+    np.testing.assert_allclose(np.asarray(images[i]), np.asarray(one[0]), atol=1e-4)
