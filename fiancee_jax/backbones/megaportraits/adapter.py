@@ -22,10 +22,12 @@ from fiancee_jax.backbones.megaportraits import frame_banks
 from fiancee_jax.backbones.megaportraits import inputs as inputs_lib
 from fiancee_jax.backbones.megaportraits import model as megaportraits
 from fiancee_jax.backbones.megaportraits.exits import FRAME_CHANNELS, G2DBranch, MotionPredictor
+from fiancee_jax.backbones.megaportraits.gan import HeadsGAN
 from fiancee_jax.core import bank as bank_lib
 from fiancee_jax.core.branches import BlockSpec, BranchSpec
 from fiancee_jax.core.interface import Backbone, Prefix
 from fiancee_jax.metrics import macs
+from fiancee_jax.train.parallel import AXIS
 from fiancee_jax import workdir as wd
 
 PyTree = Any
@@ -144,6 +146,11 @@ class MegaPortraits(Backbone):
 
   def infer_inputs(self) -> inputs_lib.HeadInputs:
     return inputs_lib.HeadInputs(self.config)
+
+  # ---------------------------------------------------------------- training stages
+
+  def gan_task(self, axis_name: str | None = AXIS) -> HeadsGAN:
+    return HeadsGAN(self.config, axis_name)
 
   # ---------------------------------------------------------------- costs
 

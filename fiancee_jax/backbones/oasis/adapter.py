@@ -20,12 +20,14 @@ from fiancee_jax.backbones.oasis import discriminator as discriminator_lib
 from fiancee_jax.backbones.oasis import inputs as inputs_lib
 from fiancee_jax.backbones.oasis import model as oasis
 from fiancee_jax.backbones.oasis.exits import OASISBranch, OASISPredictor
+from fiancee_jax.backbones.oasis.gan import OASISGAN
 from fiancee_jax.config import oasis_widths
 from fiancee_jax.core import bank as bank_lib
 from fiancee_jax.core import pipeline as pl
 from fiancee_jax.core.branches import BlockSpec, BranchSpec
 from fiancee_jax.core.interface import Backbone, Prefix
 from fiancee_jax.metrics import macs
+from fiancee_jax.train.parallel import AXIS
 
 PyTree = Any
 
@@ -166,6 +168,11 @@ class OASIS(Backbone):
 
   def infer_inputs(self) -> inputs_lib.OASISInputs:
     return inputs_lib.OASISInputs(self.config)
+
+  # ---------------------------------------------------------------- training stages
+
+  def gan_task(self, axis_name: str | None = AXIS) -> OASISGAN:
+    return OASISGAN(self.config, axis_name)
 
   # ---------------------------------------------------------------- costs
 
