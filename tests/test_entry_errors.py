@@ -25,7 +25,7 @@ from PIL import Image
 
 from fiancee_jax import cli
 from tests.conftest import REPO
-from tests.test_fiancee import backbone_workdir
+from tests.conftest import backbone_workdir
 
 TINY = 'configs/oasis_synthetic.py:tiny'
 LABEL = ('an 8-bit single-channel PNG of label ids (mode L, e.g. Cityscapes *_labelIds.png)')
@@ -148,7 +148,8 @@ assert len({c.id for c in CASES}) == len(CASES)
 
 @pytest.fixture(scope='module')
 def dirs(tmp_path_factory):
-  from fiancee_jax import data, fiancee
+  from fiancee_jax import data, registry
+  from fiancee_jax.core import stages
   from fiancee_jax.train import checkpoint
   c, shared_wd, state = backbone_workdir(tmp_path_factory)
   root = tmp_path_factory.mktemp('entry_errors')
@@ -157,7 +158,7 @@ def dirs(tmp_path_factory):
   c = c.copy_and_resolve_references()
   c.data.data_dir = str(root / 'data')          # = <workdir>/../data, what the scripts read
   data.prepare(c.data, c.data.data_dir)
-  fiancee.build_bank(c, wd, progress=False)     # bank of backbone step 1
+  stages.build_bank(registry.get(c), wd, progress=False)   # bank of backbone step 1
   stale = str(root / 'stale')                   # backbone trained on to step 2, bank of step 1
   shutil.copytree(wd, stale)
   ck = checkpoint.Checkpointer(stale, 'backbone', c)

@@ -181,7 +181,9 @@ def route_one(engine: Engine, inputs: Sequence[Any], threshold: float, *, offset
   params, costs = engine.params, engine.costs
   inputs = tuple(jnp.asarray(x) for x in inputs)
   c32 = jnp.asarray(costs, jnp.float32)
-  run = lambda: engine.routed_one(params, inputs, jnp.float32(t), c32, jnp.float32(offset))  # noqa: E731
+
+  def run():
+    return engine.routed_one(params, inputs, jnp.float32(t), c32, jnp.float32(offset))
   latency = time_fn(run, repeats)
   image, aux = run()
   route = int(aux['exit'])

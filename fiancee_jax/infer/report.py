@@ -5,11 +5,11 @@ latency of every route and of routed batched inference.
 
 `write(out_dir, result)` takes the dict built by `infer.sweep.sweep` (its 'kind', declared by
 the adapter's `infer_inputs().report_kind`, picks the figure names and the wording; a
-'rotation' entry adds Fig. 10, 'samples' with 'inputs' columns the Fig. 5 layout) and writes report.md, summary.json,
-sweep.json and the figures (`figures(kind)`) into `out_dir`, each file atomically
-(`io_utils.atomic_write`). summary.json is removed first and written last: when it exists,
-every other file is complete and from the same sweep (a killed write leaves no summary.json,
-and `make demo` reruns the sweep).
+'rotation' entry adds Fig. 10, 'samples' with 'inputs' columns the Fig. 5 layout) and
+writes report.md, summary.json, sweep.json and the figures (`figures(kind)`) into `out_dir`,
+each file atomically (`io_utils.atomic_write`). summary.json is removed first and written
+last: when it exists, every other file is complete and from the same sweep (a killed write
+leaves no summary.json, and `make demo` reruns the sweep).
 """
 from __future__ import annotations
 

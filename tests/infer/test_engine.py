@@ -12,7 +12,8 @@ from fiancee_jax import registry
 from fiancee_jax.core import predictor_data, routing
 from fiancee_jax.infer import engine as engine_lib
 from fiancee_jax.train import predictor as tp
-from tests.test_train_predictor import pipeline, tiny_config, tiny_workdir
+from tests.conftest import tiny_config
+from tests.core.test_predictor_data import pipeline, tiny_workdir
 
 
 @pipeline

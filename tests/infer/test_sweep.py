@@ -5,7 +5,8 @@ import os
 
 from fiancee_jax import registry
 from fiancee_jax.infer import report, sweep
-from tests.test_train_predictor import pipeline, tiny_config, tiny_workdir
+from tests.conftest import tiny_config
+from tests.core.test_predictor_data import pipeline, tiny_workdir
 
 
 @pipeline

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,11 +15,11 @@ from PIL import Image
 
 from fiancee_jax import registry
 from fiancee_jax.backbones.megaportraits import frame_banks
-from fiancee_jax.core import pipeline as pl
 from fiancee_jax.core import predictor_data, routing, stages
 from fiancee_jax.core.pipeline import PipelineError
 from fiancee_jax.infer import engine as engine_lib
 from fiancee_jax.infer import inputs, report, sweep
+from fiancee_jax.train import branches as tb
 from fiancee_jax.train import checkpoint
 from fiancee_jax.train import predictor as tp
 from tests.conftest import heads_config, heads_workdir
@@ -44,11 +43,12 @@ def trained(tmp_path_factory):
   shutil.copytree(checkpoint.checkpoint_dir(wd0, 'backbone'),
                   checkpoint.checkpoint_dir(wd, 'backbone'))
   stages.build_bank(bb, wd, progress=False)
-  b_vars = jax.jit(lambda r: pl.init_branches(bb, bb.branches(), r))(jax.random.PRNGKey(c.seed))
+  models = tb.build_models(bb, axis_name=None)
+  host = tb.create_train_state(bb, models, tb.load_backbone_discriminator(bb, wd))
   ck = checkpoint.Checkpointer(wd, 'branches', c)
-  ck.save(0, {'branches': b_vars})
+  ck.save(0, tb.saved(host))  # the branches stage's payload
   ck.close()
-  tp.train_and_evaluate(c, wd)
+  tp.train_and_evaluate(bb, wd)
   return bb, wd, engine_lib.Engine(engine_lib.load(bb, wd))
 
 
