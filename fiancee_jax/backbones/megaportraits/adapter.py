@@ -147,6 +147,11 @@ class MegaPortraits(Backbone):
   def infer_inputs(self) -> inputs_lib.HeadInputs:
     return inputs_lib.HeadInputs(self.config)
 
+  # ---------------------------------------------------------------- training stages
+
+  def gan_task(self, axis_name: str | None = AXIS) -> HeadsGAN:
+    return HeadsGAN(self.config, axis_name)
+
   # ---------------------------------------------------------------- costs
 
   def _abstract(self):

@@ -169,6 +169,11 @@ class OASIS(Backbone):
   def infer_inputs(self) -> inputs_lib.OASISInputs:
     return inputs_lib.OASISInputs(self.config)
 
+  # ---------------------------------------------------------------- training stages
+
+  def gan_task(self, axis_name: str | None = AXIS) -> OASISGAN:
+    return OASISGAN(self.config, axis_name)
+
   # ---------------------------------------------------------------- costs
 
   def _sf_backbone(self, sf: float, use_bank: bool) -> 'OASIS':
