@@ -192,6 +192,29 @@ class Backbone(abc.ABC):
     batches it reads, the BN-refresh inputs and the sample rows and grid. The driver owns
     the loop, checkpoints, samples and data parallelism."""
 
+  # ---------------------------------------------------------------- training stages
+
+  @abc.abstractmethod
+  def gan_task(self, axis_name: str | None = 'data') -> Any:
+    """This backbone's part of the backbone stage (`fiancee_jax.train.gan`, Sec. 4.1 / 4.2):
+    a `train.gan.GANTask` — generator + discriminator and their optimisers, the per-device
+    train step (sync BN and gradient means over `axis_name`; None: one device), the loader
+    batches it reads, the BN-refresh inputs and the sample rows and grid. The driver owns
+    the loop, checkpoints, samples and data parallelism."""
+
+  @abc.abstractmethod
+  def branch_losses(self) -> Any:
+    """This backbone's part of the branch stage (`fiancee_jax.train.branches`, Sec. 3.1): a
+    `train.branches.BranchLosses` — the branch and discriminator losses (one discriminator
+    copy per exit), their optimisers, how a loader batch becomes route inputs, the sample
+    rows and grid. The driver runs the frozen backbone through `core.pipeline` itself."""
+
+  @abc.abstractmethod
+  def predictor_rows(self) -> Any:
+    """What a predictor dataset row is (`fiancee_jax.core.predictor_data`, Sec. 3.2): a
+    `core.predictor_data.PredictorRows` — each split's rows (index arrays), the host inputs
+    they are computed from and the jittable map from those to route inputs."""
+
   # ---------------------------------------------------------------- costs
 
   @abc.abstractmethod

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiancee_jax.backbones.megaportraits import discriminator as discriminator_lib
+from fiancee_jax.backbones.megaportraits.branch_losses import HeadsBranchLosses
 from fiancee_jax.backbones.megaportraits import frame_banks
 from fiancee_jax.backbones.megaportraits import inputs as inputs_lib
 from fiancee_jax.backbones.megaportraits import model as megaportraits
 from fiancee_jax.backbones.megaportraits.exits import FRAME_CHANNELS, G2DBranch, MotionPredictor
+from fiancee_jax.backbones.megaportraits.predictor_rows import HeadsPredictorRows
 from fiancee_jax.backbones.megaportraits.gan import HeadsGAN
 from fiancee_jax.core import bank as bank_lib
 from fiancee_jax.core.branches import BlockSpec, BranchSpec
@@ -151,6 +153,17 @@ class MegaPortraits(Backbone):
 
   def gan_task(self, axis_name: str | None = AXIS) -> HeadsGAN:
     return HeadsGAN(self.config, axis_name)
+
+  # ---------------------------------------------------------------- training stages
+
+  def gan_task(self, axis_name: str | None = AXIS) -> HeadsGAN:
+    return HeadsGAN(self.config, axis_name)
+
+  def branch_losses(self) -> HeadsBranchLosses:
+    return HeadsBranchLosses(self.config)
+
+  def predictor_rows(self) -> HeadsPredictorRows:
+    return HeadsPredictorRows(self.config)
 
   # ---------------------------------------------------------------- costs
 

@@ -17,9 +17,11 @@ import numpy as np
 
 from fiancee_jax.backbones.oasis import bank_inputs
 from fiancee_jax.backbones.oasis import discriminator as discriminator_lib
+from fiancee_jax.backbones.oasis.branch_losses import OASISBranchLosses
 from fiancee_jax.backbones.oasis import inputs as inputs_lib
 from fiancee_jax.backbones.oasis import model as oasis
 from fiancee_jax.backbones.oasis.exits import OASISBranch, OASISPredictor
+from fiancee_jax.backbones.oasis.predictor_rows import OASISPredictorRows
 from fiancee_jax.backbones.oasis.gan import OASISGAN
 from fiancee_jax.config import oasis_widths
 from fiancee_jax.core import bank as bank_lib
@@ -173,6 +175,17 @@ class OASIS(Backbone):
 
   def gan_task(self, axis_name: str | None = AXIS) -> OASISGAN:
     return OASISGAN(self.config, axis_name)
+
+  # ---------------------------------------------------------------- training stages
+
+  def gan_task(self, axis_name: str | None = AXIS) -> OASISGAN:
+    return OASISGAN(self.config, axis_name)
+
+  def branch_losses(self) -> OASISBranchLosses:
+    return OASISBranchLosses(self.config)
+
+  def predictor_rows(self) -> OASISPredictorRows:
+    return OASISPredictorRows(self.config)
 
   # ---------------------------------------------------------------- costs
 

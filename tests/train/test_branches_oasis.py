@@ -1,4 +1,4 @@
-"""Branches stage: one real step (losses finite, only branch / D params change), resume."""
+"""OASIS branches stage: one real step (losses finite, only branch / D params change), resume."""
 import os
 import shutil
 import signal
@@ -6,10 +6,11 @@ import signal
 import jax
 import numpy as np
 
-from fiancee_jax import fiancee
+from fiancee_jax import registry
+from fiancee_jax.core import stages
 from fiancee_jax.train import branches as tb
 from fiancee_jax.train import checkpoint
-from tests.test_fiancee import backbone_workdir
+from tests.conftest import backbone_workdir
 
 
 def _leaves_equal(a, b):
@@ -27,15 +28,16 @@ def test_branch_step_and_resume(tmp_path_factory, tmp_path):
   c.train.labelmix_lambda = 0.0
   c.branches.num_steps = 2
   c.branches.ckpt_every = 1
-  fiancee.build_bank(c, wd, progress=False)
+  bb = registry.get(c)
+  stages.build_bank(bb, wd, progress=False)
   seen = []
-  host0 = tb.create_train_state(c, tb.build_models(c), *_frozen_init(c, wd))
+  host0 = tb.create_train_state(bb, tb.build_models(bb), tb.load_backbone_discriminator(bb, wd))
 
   def hook(step, st, m):
     seen.append((jax.device_get(m), jax.device_get(st.frozen.generator)))
     os.kill(os.getpid(), signal.SIGTERM)  # stop after step 1: checkpoint, then resume
 
-  state1 = tb.train_and_evaluate(c, wd, hooks=[hook])
+  state1 = tb.train_and_evaluate(bb, wd, hooks=[hook])
   metrics, gen_after = seen[0]
   assert int(state1.step) == 1
   assert all(np.isfinite(float(v)) for v in metrics.values())
@@ -48,16 +50,11 @@ def test_branch_step_and_resume(tmp_path_factory, tmp_path):
     d_i = jax.tree.map(lambda x: x[i], state1.params_d)
     assert not _leaves_equal(d_i, bb_state.params_d)
   # resume: the same command continues from step 1
-  state2 = tb.train_and_evaluate(c, wd)
+  state2 = tb.train_and_evaluate(bb, wd)
   assert int(state2.step) == 2
   assert not _leaves_equal(state2.params_b, state1.params_b)
-  p = fiancee.load_pipeline(c, wd, stages=('backbone', 'bank', 'branches'))
+  p = stages.load_pipeline(bb, wd, stages=('backbone', 'bank', 'branches'))
   assert _leaves_equal(p.params['branches']['params'], state2.params_b)
-
-
-def _frozen_init(c, wd):
-  fr, _, _ = tb.load_frozen(c, wd, True)
-  return fr.generator, tb.load_backbone_discriminator(wd, c)
 
 
 def test_branch_sn_kernels_follow_the_backbone_init(tmp_path_factory):
@@ -67,13 +64,13 @@ def test_branch_sn_kernels_follow_the_backbone_init(tmp_path_factory):
   import flax  # noqa: PLC0415
   c, wd, _ = backbone_workdir(tmp_path_factory)
   c = c.copy_and_resolve_references()
-  g_params, g_coll, _ = checkpoint.load_backbone(wd, c)
-  gen, disc = {'params': g_params, **g_coll}, tb.load_backbone_discriminator(wd, c)
-  models = tb.build_models(c)
+  bb = registry.get(c)
+  disc = tb.load_backbone_discriminator(bb, wd)
+  models = tb.build_models(bb)
   states = {}
   for init in ('xavier', 'torch_default'):
     c.train.sn_kernel_init = init
-    states[init] = tb.create_train_state(c, models, gen, disc)
+    states[init] = tb.create_train_state(bb, models, disc)
   flat = {k: flax.traverse_util.flatten_dict(s.params_b) for k, s in states.items()}
   sn = {p[:-1] for p in flax.traverse_util.flatten_dict(states['xavier'].state_b['spectral'])}
   assert sn

