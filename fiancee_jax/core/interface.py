@@ -192,16 +192,6 @@ class Backbone(abc.ABC):
     batches it reads, the BN-refresh inputs and the sample rows and grid. The driver owns
     the loop, checkpoints, samples and data parallelism."""
 
-  # ---------------------------------------------------------------- training stages
-
-  @abc.abstractmethod
-  def gan_task(self, axis_name: str | None = 'data') -> Any:
-    """This backbone's part of the backbone stage (`fiancee_jax.train.gan`, Sec. 4.1 / 4.2):
-    a `train.gan.GANTask` — generator + discriminator and their optimisers, the per-device
-    train step (sync BN and gradient means over `axis_name`; None: one device), the loader
-    batches it reads, the BN-refresh inputs and the sample rows and grid. The driver owns
-    the loop, checkpoints, samples and data parallelism."""
-
   @abc.abstractmethod
   def branch_losses(self) -> Any:
     """This backbone's part of the branch stage (`fiancee_jax.train.branches`, Sec. 3.1): a

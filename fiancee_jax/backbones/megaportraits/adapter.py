@@ -154,11 +154,6 @@ class MegaPortraits(Backbone):
   def gan_task(self, axis_name: str | None = AXIS) -> HeadsGAN:
     return HeadsGAN(self.config, axis_name)
 
-  # ---------------------------------------------------------------- training stages
-
-  def gan_task(self, axis_name: str | None = AXIS) -> HeadsGAN:
-    return HeadsGAN(self.config, axis_name)
-
   def branch_losses(self) -> HeadsBranchLosses:
     return HeadsBranchLosses(self.config)
 

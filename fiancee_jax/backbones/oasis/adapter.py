@@ -176,11 +176,6 @@ class OASIS(Backbone):
   def gan_task(self, axis_name: str | None = AXIS) -> OASISGAN:
     return OASISGAN(self.config, axis_name)
 
-  # ---------------------------------------------------------------- training stages
-
-  def gan_task(self, axis_name: str | None = AXIS) -> OASISGAN:
-    return OASISGAN(self.config, axis_name)
-
   def branch_losses(self) -> OASISBranchLosses:
     return OASISBranchLosses(self.config)
 
