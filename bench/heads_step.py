@@ -9,7 +9,8 @@ data.height x data.width), timed as the median of --repeats after one warm-up ca
   ms_ssim         masked MS-SSIM, gradient w.r.t. the image
   patch_d         multi-scale patch D: hinge on real + fake, gradient w.r.t. D's params
   d_on_fake_fm    D on the masked fake + on the target (feature matching), gradient w.r.t. the fake
-  step            train.heads.train_step: G update + D update + EMA (what train.py runs)
+  step            backbones.megaportraits.gan.HeadsGAN.train_step: G update + D update + EMA
+                  (what train.py --stage=backbone runs, through train/gan.py)
 One JSON line per part ({"name", "value" (ms), "unit", "device", ...}) and the parts' sum vs
 the step (the step shares work between terms, so the sum is an upper bound).
 """
@@ -25,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fiancee_jax import config as cfg
+from fiancee_jax import registry
 from fiancee_jax.backbones.megaportraits import losses as losses_heads
-from fiancee_jax.train import heads, parallel
-from fiancee_jax.train.state import StepState
+from fiancee_jax.train import gan
 
 
 def _median_ms(fn, *args, repeats: int) -> float:
@@ -54,12 +55,13 @@ def main() -> None:
   img = lambda: jnp.asarray(rng.uniform(-1, 1, (b, h, w, 3)), jnp.float32)  # noqa: E731
   source, driver, fake = img(), img(), img()
   mask = jnp.asarray(rng.uniform(size=(b, h, w, 1)) > 0.3, jnp.float32)
-  models = heads.build_models(c, axis_name=None)
-  state = heads.create_train_state(c, models)
-  frozen = heads.frozen_arrays(models)
+  bb = registry.get(c)
+  task = bb.gan_task(axis_name=None)
+  state = gan.create_train_state(bb)
+  frozen = task.frozen()
   g_vars = {'params': state.params_g, **state.state_g}
   d_params = state.params_d
-  gen, disc = models.generator_local, models.discriminator
+  gen, disc = task.generator_local, task.discriminator
 
   def g_part(p):
     (out, _), _ = gen.apply({**g_vars, 'params': p}, source, driver, True,
@@ -90,9 +92,9 @@ def main() -> None:
   results = {}
   for name in args.parts.split(','):
     if name == 'step':
-      step_models = heads.build_models(c)  # the step's own (sync BN over the data axis)
-      dp = parallel.wrap(heads.make_step(step_models), 'shard_map', devices=jax.devices()[:1])
-      carry = dp.put_state(StepState(train=state, frozen=frozen))
+      # The step's own task (sync BN over the data axis), on one device.
+      dp = gan.Compiled(bb.gan_task(), 'shard_map', devices=jax.devices()[:1]).step
+      carry = dp.put_state(gan.step_state(task, state))
       batch = dp.put_batch({
           'source_image': np.asarray((source + 1) * 127.5, np.uint8),
           'driver_image': np.asarray((driver + 1) * 127.5, np.uint8),
