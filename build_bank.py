@@ -5,7 +5,7 @@
 
 Reads the backbone checkpoint in --workdir. OASIS: writes <workdir>/bank (keys, values,
 classes, FAISS indices, the K fixed noises, manifest). Head avatars: one frame bank per
-identity of the data, <workdir>/bank/<identity> (fiancee_jax/fiancee_heads.py). An up-to-date
+identity of the data, <workdir>/bank/<identity> (fiancee_jax/backbones/megaportraits/frame_banks.py). An up-to-date
 bank is kept unless --force.
 """
 import sys
@@ -31,9 +31,10 @@ def main(argv):
   try:
     parallel.initialize()  # several processes: before any other JAX call
     parallel.one_process_only('build_bank.py')
-    from fiancee_jax import fiancee
-    fiancee.build_bank(FLAGS.config, FLAGS.workdir, force=FLAGS.force,
-                       batch_size=FLAGS.batch_size)
+    from fiancee_jax import registry
+    from fiancee_jax.core import stages
+    stages.build_bank(registry.get(FLAGS.config), FLAGS.workdir, force=FLAGS.force,
+                      batch_size=FLAGS.batch_size)
   except FianceeError as e:  # bad input (config, workdir, checkpoint, bank, data): one line
     sys.exit(f'build_bank.py: {e}')
 

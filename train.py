@@ -1,4 +1,4 @@
-"""Train one stage of an experiment: `--stage=backbone` (OASIS G + D), `branches`, `predictor`.
+"""Train one stage of an experiment: `--stage=backbone` (G + D), `branches`, `predictor`.
 
   python train.py --config configs/oasis_synthetic.py --workdir runs/demo --stage=backbone
   python train.py --config configs/oasis_synthetic.py:tiny --workdir /tmp/t --stage=backbone
@@ -25,18 +25,20 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  import importlib
   from fiancee_jax.train import parallel
   try:
     parallel.initialize()  # several processes: before any other JAX call
-    from fiancee_jax import config as fconfig, data
-    stage = importlib.import_module(f'fiancee_jax.train.{FLAGS.stage}')
+    from fiancee_jax import config as fconfig, data, registry
+    from fiancee_jax import workdir as wd
+    from fiancee_jax.train import branches, gan, predictor
+    stage = {'backbone': gan, 'branches': branches, 'predictor': predictor}[FLAGS.stage]
     fconfig.validate(FLAGS.config)
+    backbone = registry.get(FLAGS.config)
     # The data first (idempotent; every stage reads it; process 0 writes it): a missing or
     # incomplete download fails here, before the stage creates anything in the workdir.
     parallel.chief_first(lambda: data.prepare(
-        FLAGS.config.data, fconfig.data_dir(FLAGS.config, FLAGS.workdir)), 'prepare')
-    stage.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        FLAGS.config.data, wd.data_dir(FLAGS.config, FLAGS.workdir)), 'prepare')
+    stage.train_and_evaluate(backbone, FLAGS.workdir)
   except (FianceeError, FileNotFoundError) as e:  # bad input, missing weight files: one line
     sys.exit(f'train.py: {e}')
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 from fiancee_jax.errors import FianceeError
@@ -252,39 +252,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(config[sec].num_steps >= 0, f'{sec}.num_steps must be >= 0')
   need(0 <= config.train.ema_decay < 1, 'train.ema_decay: expected in [0, 1)')
 
-  if backbone == 'oasis':
-    m = config.model
-    # 5 nearest x2 upsamplings (after every block but the last) from an initial map.
-    need(d.height % 32 == 0 and d.width % 32 == 0,
-         f'data resolution {d.height}x{d.width}: OASIS upsamples x32, '
-         'height and width must be multiples of 32')
-    need(d.num_classes >= 2, f'data.num_classes={d.num_classes}: expected >= 2')
-    need(m.num_blocks == 6, f'model.num_blocks={m.num_blocks}: the OASIS generator has 6')
-    need(config.train.sn_kernel_init in ('xavier', 'torch_default'),
-         f"train.sn_kernel_init={config.train.sn_kernel_init!r}: expected 'xavier' or "
-         "'torch_default'")
-    need(m.ch > 0 and m.z_dim >= 0 and m.spade_hidden > 0, 'model.ch/z_dim/spade_hidden invalid')
-    need(len(config.disc.channels) == 7 and config.disc.channels[0] == 3,
-         'disc.channels: expected 7 widths starting with 3')
-    need(len(b.exits) > 0 and all(1 <= k <= m.num_blocks - 2 for k in b.exits)
-         and list(b.exits) == sorted(set(b.exits)),
-         f'branches.exits={tuple(b.exits)}: expected increasing block indices in 1..4')
-    need(b.min_channels <= max(oasis_widths(m.ch)),
-         f'branches.min_channels={b.min_channels} exceeds the widest layer '
-         f'{max(oasis_widths(m.ch))}')
-    need(1 <= config.bank.key_block < config.bank.value_block <= m.num_blocks,
-         'bank.key_block < bank.value_block <= 6 expected')
-    need(config.predictor.loss in ('mse', 'mae'), "predictor.loss: expected 'mse' or 'mae'")
-  else:
-    m = config.model
-    need(d.height == d.width, f'data resolution {d.height}x{d.width}: G2D expects square images')
-    need(d.height % 8 == 0, f'data.height={d.height}: G2D upsamples x8, expected a multiple of 8')
-    need(len(m.up_channels) == 3, 'model.up_channels: expected 3 widths')
-    need(len(b.exits) > 0 and all(1 <= k <= m.num_res for k in b.exits)
-         and list(b.exits) == sorted(set(b.exits)),
-         f'branches.exits={tuple(b.exits)}: expected increasing block indices in 1..{m.num_res}')
-    need(b.min_channels <= m.ch, f'branches.min_channels={b.min_channels} exceeds model.ch={m.ch}')
-    need(d.frames_per_video >= 1, f'data.frames_per_video={d.frames_per_video}: expected >= 1')
+  _CHECKS.get(backbone, lambda c, need: None)(config, need)
   if problems:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems))
   return config
@@ -295,6 +263,62 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   runs of one machine share one prepared copy). The parent is taken from the path, so a
   workdir that does not exist yet is not created on the way to it."""
   return config.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), 'data')
+
+
+def _check_oasis(config: ml_collections.ConfigDict, need) -> None:
+  d, b = config.data, config.branches
+  m = config.model
+  # 5 nearest x2 upsamplings (after every block but the last) from an initial map.
+  need(d.height % 32 == 0 and d.width % 32 == 0,
+       f'data resolution {d.height}x{d.width}: OASIS upsamples x32, '
+       'height and width must be multiples of 32')
+  need(d.num_classes >= 2, f'data.num_classes={d.num_classes}: expected >= 2')
+  need(m.num_blocks == 6, f'model.num_blocks={m.num_blocks}: the OASIS generator has 6')
+  need(config.train.sn_kernel_init in ('xavier', 'torch_default'),
+       f"train.sn_kernel_init={config.train.sn_kernel_init!r}: expected 'xavier' or "
+       "'torch_default'")
+  need(m.ch > 0 and m.z_dim >= 0 and m.spade_hidden > 0, 'model.ch/z_dim/spade_hidden invalid')
+  need(len(config.disc.channels) == 7 and config.disc.channels[0] == 3,
+       'disc.channels: expected 7 widths starting with 3')
+  need(len(b.exits) > 0 and all(1 <= k <= m.num_blocks - 2 for k in b.exits)
+       and list(b.exits) == sorted(set(b.exits)),
+       f'branches.exits={tuple(b.exits)}: expected increasing block indices in 1..4')
+  need(b.min_channels <= max(oasis_widths(m.ch)),
+       f'branches.min_channels={b.min_channels} exceeds the widest layer '
+       f'{max(oasis_widths(m.ch))}')
+  need(1 <= config.bank.key_block < config.bank.value_block <= m.num_blocks,
+       'bank.key_block < bank.value_block <= 6 expected')
+  need(config.predictor.loss in ('mse', 'mae'), "predictor.loss: expected 'mse' or 'mae'")
+
+
+def _check_megaportraits(config: ml_collections.ConfigDict, need) -> None:
+  d, b = config.data, config.branches
+  m = config.model
+  need(d.height == d.width, f'data resolution {d.height}x{d.width}: G2D expects square images')
+  need(d.height % 8 == 0, f'data.height={d.height}: G2D upsamples x8, expected a multiple of 8')
+  need(len(m.up_channels) == 3, 'model.up_channels: expected 3 widths')
+  need(len(b.exits) > 0 and all(1 <= k <= m.num_res for k in b.exits)
+       and list(b.exits) == sorted(set(b.exits)),
+       f'branches.exits={tuple(b.exits)}: expected increasing block indices in 1..{m.num_res}')
+  need(b.min_channels <= m.ch, f'branches.min_channels={b.min_channels} exceeds model.ch={m.ch}')
+  need(d.frames_per_video >= 1, f'data.frames_per_video={d.frames_per_video}: expected >= 1')
+
+
+# Per-backbone config: the schema (every key a config must have) and the value checks.
+_CHECKS = {'oasis': _check_oasis, 'megaportraits': _check_megaportraits}
+# Data fields that fix the model's shapes (part of config_hash).
+_SHAPE_KEYS = {'oasis': ('height', 'width', 'num_classes')}
+
+
+def register_base(backbone: str, base: Callable[[], ml_collections.ConfigDict],
+                  check: Callable[..., None] | None = None,
+                  shape_keys: Sequence[str] = ('height', 'width')) -> None:
+  """Add a backbone's config schema (and value checks) for `validate` (a new adapter, or a
+  test's)."""
+  _BASES[backbone] = base
+  if check is not None:
+    _CHECKS[backbone] = check
+  _SHAPE_KEYS[backbone] = tuple(shape_keys)
 
 
 # How long a stage runs and how often it reports: never part of a checkpoint's identity, so a
@@ -308,10 +332,8 @@ def config_hash(config: ml_collections.ConfigDict, sections: Sequence[str] = ('m
   payload = {s: {k: v for k, v in config[s].to_dict().items() if k not in RUN_LENGTH_KEYS}
              for s in sections}
   payload['backbone'] = config.backbone
-  if config.backbone == 'oasis':
-    payload['shape'] = (config.data.height, config.data.width, config.data.num_classes)
-  else:
-    payload['shape'] = (config.data.height, config.data.width)
+  keys = _SHAPE_KEYS.get(config.backbone, ('height', 'width'))
+  payload['shape'] = tuple(config.data[k] for k in keys)
   blob = json.dumps(payload, sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -23,6 +23,59 @@ def repo() -> pathlib.Path:
   return REPO
 
 
+# ------------------------------------------------------------------ shared tiny experiments
+
+_WORKDIRS = {}
+
+
+def tiny_config(data_dir=None):
+  """The tiny OASIS config (configs/oasis_synthetic.py:tiny), a fresh copy per call."""
+  from fiancee_jax import config as cfg
+  c = cfg.load(str(REPO / 'configs' / 'oasis_synthetic.py'), 'tiny')
+  if data_dir is not None:
+    c.data.data_dir = str(data_dir)
+  return c
+
+
+def heads_config(data_dir=None):
+  """The tiny head-avatar config, 5 identities (train 0-2, validation 3, test 4; 4 frames each)."""
+  from fiancee_jax import config as cfg
+  c = cfg.load(str(REPO / 'configs' / 'megaportraits_synthetic.py'), 'tiny')
+  c.data.num_identities = 5
+  c.branches.batch_size = 4      # divides by the 4 test devices, <= 12 train pairs
+  c.disc.ch = 8                  # a small patch discriminator (the tiny config keeps 64)
+  if data_dir is not None:
+    c.data.data_dir = str(data_dir)
+  return c
+
+
+def _saved_backbone(tmp_path_factory, name, config_fn):
+  """(config, workdir, GAN state): a random-init backbone saved as the backbone stage saves it
+  ({'train': GANState, 'ema_bn': collections} at step 1), shared by the tests of a session."""
+  if name not in _WORKDIRS:
+    from fiancee_jax import registry
+    from fiancee_jax.train import checkpoint, gan
+    root = tmp_path_factory.mktemp(name)
+    c = config_fn(root / 'data')
+    st = gan.create_train_state(registry.get(c))
+    wd = str(root / 'wd')
+    ck = checkpoint.Checkpointer(wd, 'backbone', c)
+    ck.save(1, {'train': st, 'ema_bn': st.ema_state_g})
+    ck.close()
+    _WORKDIRS[name] = (c, wd, st)
+  return _WORKDIRS[name]
+
+
+def backbone_workdir(tmp_path_factory):
+  """The tiny OASIS experiment with a random-init backbone stage (see `_saved_backbone`)."""
+  return _saved_backbone(tmp_path_factory, 'fiancee', tiny_config)
+
+
+def heads_workdir(tmp_path_factory):
+  """The tiny head-avatar experiment with a random-init backbone stage."""
+  return _saved_backbone(tmp_path_factory, 'heads', heads_config)
+
+
 def pytest_configure(config):
   """One XLA compilation cache for the whole run: the tiny train steps compiled by several test
   modules (backbone, branches, pipeline fixtures) are compiled once. A fresh directory per run,

@@ -8,7 +8,11 @@ import pytest
 
 from fiancee_jax import config as cfg
 from fiancee_jax.backbones.megaportraits import losses as L
-from fiancee_jax.metrics import flops
+from fiancee_jax import registry
+from fiancee_jax.backbones.megaportraits.adapter import MegaPortraits
+from fiancee_jax.backbones.megaportraits.exits import G2DBranch
+from fiancee_jax.core.branches import BlockSpec
+from fiancee_jax.metrics import flops, macs
 from fiancee_jax.backbones.megaportraits import model as mp
 from fiancee_jax.backbones.megaportraits import discriminator as pd
 
@@ -101,7 +105,7 @@ def test_g2d_paper_gmacs():
   xla = jax.jit(fwd).lower(params, PAPER_IN).cost_analysis()['flops'] / 2e9
   assert abs(xla - 213.0) <= 0.02 * 213.0, xla
   # Paper convention (every kernel tap, conv/dense layers only).
-  gmacs = flops.count_macs(fwd, params, PAPER_IN) / 1e9
+  gmacs = macs.count_macs(fwd, params, PAPER_IN) / 1e9
   assert abs(gmacs - 213.0) <= 0.02 * 213.0, gmacs
   # The other skip reading adds 6 x 64*64*512*512 MACs = 6.4 GMACs: 219.5, outside +-2%.
   assert abs(gmacs + 6 * 64 * 64 * 512 * 512 / 1e9 - 213.0) > 0.02 * 213.0
@@ -109,7 +113,7 @@ def test_g2d_paper_gmacs():
 
 @functools.lru_cache(maxsize=None)
 def _paper_rows():
-  return tuple(flops.measure(cfg.load('configs/megaportraits_voxceleb2.py')))
+  return tuple(flops.measure(registry.get(cfg.load('configs/megaportraits_voxceleb2.py'))))
 
 
 def test_flops_cli_route():
@@ -119,7 +123,7 @@ def test_flops_cli_route():
   assert abs(rows[0]['params'] - 31.6e6) <= 0.02 * 31.6e6
   assert rows[0]['front_end_gmacs'] > 0 and rows[0]['front_end_params'] > 0
   exits = [(r['sf'], r['bank'], r['route']) for r in rows[1:]]
-  assert exits == [(round(sf, 6), bank, f'exit{k}') for sf in mp.SCALE_FACTORS
+  assert exits == [(round(sf, 6), bank, f'exit{k}') for sf in MegaPortraits.scale_factors
                    for bank in (False, True) for k in (2, 4, 6)]
 
 
@@ -149,7 +153,6 @@ def test_table_s9_third_branch_readings():
   """Table S9 prints the third branch one width step early (170, 85, 42 at SF 1/3). Costing
   both readings against Table 2's route-3 column: our rule (fout = scaled backbone fout)
   fits SF 1/3 and 1/15, the printed column fits 1/6 and 1/15; neither fits all three."""
-  from fiancee_jax.models import branches as br
   rows = {(r['sf'], r['exit']): r['gmacs'] for r in _paper_rows()[1:] if not r['bank']}
   x = jax.ShapeDtypeStruct((1, 64, 64, 512), jnp.float32)
 
@@ -157,11 +160,11 @@ def test_table_s9_third_branch_readings():
     spec, fin, res = [], 512, 64
     for fout in widths:
       res *= 2
-      spec.append(br.BlockSpec(fin, fout, res, res, 'bilinear'))
+      spec.append(BlockSpec(fin, fout, res, res, 'bilinear'))
       fin = fout
-    m = br.G2DBranch(tuple(spec), use_bank=False)
+    m = G2DBranch(tuple(spec), use_bank=False)
     v = jax.eval_shape(lambda a: m.init(jax.random.key(0), a), x)
-    return flops.count_macs(lambda vv, a: m.apply(vv, a), v, x) / 1e9
+    return macs.count_macs(lambda vv, a: m.apply(vv, a), v, x) / 1e9
 
   def scaled(ws, sf):
     return [max(int(w * sf), 24) for w in ws]

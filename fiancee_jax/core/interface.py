@@ -172,16 +172,6 @@ class Backbone(abc.ABC):
     """The bank stage (build_bank.py): banks of this backbone under `<workdir>/bank`."""
     raise NotImplementedError(f'{self.name}: no bank')
 
-  # ---------------------------------------------------------------- inference
-
-  def infer_inputs(self) -> Any:
-    """What inference reads for this backbone (`fiancee_jax.infer`): a
-    `fiancee_jax.infer.inputs.BackboneInputs` that turns infer.py's input flags into route
-    inputs (`from_flags`, checked before any stage loads), predictor split rows into route
-    inputs (`from_rows`), and says the sample grid's input columns and the report's kind.
-    A backbone used only through the Python API may leave it out."""
-    raise NotImplementedError(f'{self.name}: no infer.py inputs')
-
   # ---------------------------------------------------------------- training stages
 
   @abc.abstractmethod
@@ -205,12 +195,35 @@ class Backbone(abc.ABC):
     `core.predictor_data.PredictorRows` — each split's rows (index arrays), the host inputs
     they are computed from and the jittable map from those to route inputs."""
 
+  # ---------------------------------------------------------------- inference
+
+  def infer_inputs(self) -> Any:
+    """What inference reads for this backbone (`fiancee_jax.infer`): a
+    `fiancee_jax.infer.inputs.BackboneInputs` that turns infer.py's input flags into route
+    inputs (`from_flags`, checked before any stage loads), predictor split rows into route
+    inputs (`from_rows`), and says the sample grid's input columns and the report's kind.
+    A backbone used only through the Python API may leave it out."""
+    raise NotImplementedError(f'{self.name}: no infer.py inputs')
+
   # ---------------------------------------------------------------- costs
 
   @abc.abstractmethod
+  def backbone_route(self) -> Any:
+    """The backbone's `metrics.macs.Route` (what the paper's tables count as the backbone)."""
+
+  @abc.abstractmethod
+  def exit_routes(self, sf: float, use_bank: bool) -> list:
+    """A `metrics.macs.Route` through every exit at scale factor `sf`, bank off or on."""
+
   def flops_routes(self) -> list:
-    """Every `metrics.macs.Route` the GMAC tables list (backbone first), as the
-    `python -m fiancee_jax.metrics.flops` CLI prints them."""
+    """Every route the GMAC tables list: the backbone, then every exit for each of
+    `scale_factors` (and config.branches.sf), bank off and on (the flops CLI)."""
+    sfs = list(self.scale_factors)
+    if not any(abs(self.config.branches.sf - s) < 1e-9 for s in sfs):
+      sfs.append(float(self.config.branches.sf))
+    banks = (False, True) if self.has_bank else (False,)
+    return [self.backbone_route()] + [r for sf in sfs for use_bank in banks
+                                      for r in self.exit_routes(sf, use_bank)]
 
   @abc.abstractmethod
   def route_costs(self, use_bank: bool) -> np.ndarray:

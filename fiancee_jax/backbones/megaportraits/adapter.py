@@ -23,8 +23,8 @@ from fiancee_jax.backbones.megaportraits import frame_banks
 from fiancee_jax.backbones.megaportraits import inputs as inputs_lib
 from fiancee_jax.backbones.megaportraits import model as megaportraits
 from fiancee_jax.backbones.megaportraits.exits import FRAME_CHANNELS, G2DBranch, MotionPredictor
-from fiancee_jax.backbones.megaportraits.predictor_rows import HeadsPredictorRows
 from fiancee_jax.backbones.megaportraits.gan import HeadsGAN
+from fiancee_jax.backbones.megaportraits.predictor_rows import HeadsPredictorRows
 from fiancee_jax.core import bank as bank_lib
 from fiancee_jax.core.branches import BlockSpec, BranchSpec
 from fiancee_jax.core.interface import Backbone, Prefix
@@ -144,11 +144,6 @@ class MegaPortraits(Backbone):
                                   backbone_step, force=force, batch_size=batch_size,
                                   progress=progress, identities=identities)
 
-  # ---------------------------------------------------------------- inference
-
-  def infer_inputs(self) -> inputs_lib.HeadInputs:
-    return inputs_lib.HeadInputs(self.config)
-
   # ---------------------------------------------------------------- training stages
 
   def gan_task(self, axis_name: str | None = AXIS) -> HeadsGAN:
@@ -160,6 +155,11 @@ class MegaPortraits(Backbone):
   def predictor_rows(self) -> HeadsPredictorRows:
     return HeadsPredictorRows(self.config)
 
+  # ---------------------------------------------------------------- inference
+
+  def infer_inputs(self) -> inputs_lib.HeadInputs:
+    return inputs_lib.HeadInputs(self.config)
+
   # ---------------------------------------------------------------- costs
 
   def _abstract(self):
@@ -170,7 +170,7 @@ class MegaPortraits(Backbone):
     variables = jax.eval_shape(lambda a, b: model.init(jax.random.key(0), a, b, False), img, img)
     return model, variables, g2d_in, img
 
-  def _backbone_route(self) -> macs.Route:
+  def backbone_route(self) -> macs.Route:
     """G2D from its input (what the paper's 213 GMACs counts, Sec. 4.2: the 9 ResBlock2D
     modules + 1x1 in / conv out); the front end's cost in the route's extras."""
     model, variables, g2d_in, img = self._abstract()
@@ -227,18 +227,9 @@ class MegaPortraits(Backbone):
            'branch_params': bp, 'retrieval_gmacs': round(retrieval / 1e9, 6)}))
     return out
 
-  def flops_routes(self) -> list[macs.Route]:
-    """The backbone, then exit routes for each Table S9 SF (and config.branches.sf), bank
-    off and on."""
-    sfs = list(self.scale_factors)
-    if not any(abs(self.config.branches.sf - s) < 1e-9 for s in sfs):
-      sfs.append(float(self.config.branches.sf))
-    return [self._backbone_route()] + [r for sf in sfs for use_bank in (False, True)
-                                       for r in self.exit_routes(sf, use_bank)]
-
   def route_costs(self, use_bank: bool) -> np.ndarray:
     rows = [macs.count_macs(r.fn, *r.args) / 1e9 + r.extra.get('retrieval_gmacs', 0.0)
             for r in self.exit_routes(float(self.config.branches.sf), use_bank)]
-    b = self._backbone_route()
+    b = self.backbone_route()
     rows.append(macs.count_macs(b.fn, *b.args) / 1e9)
     return np.asarray(rows, np.float64)

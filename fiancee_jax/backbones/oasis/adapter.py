@@ -21,8 +21,8 @@ from fiancee_jax.backbones.oasis.branch_losses import OASISBranchLosses
 from fiancee_jax.backbones.oasis import inputs as inputs_lib
 from fiancee_jax.backbones.oasis import model as oasis
 from fiancee_jax.backbones.oasis.exits import OASISBranch, OASISPredictor
-from fiancee_jax.backbones.oasis.predictor_rows import OASISPredictorRows
 from fiancee_jax.backbones.oasis.gan import OASISGAN
+from fiancee_jax.backbones.oasis.predictor_rows import OASISPredictorRows
 from fiancee_jax.config import oasis_widths
 from fiancee_jax.core import bank as bank_lib
 from fiancee_jax.core import pipeline as pl
@@ -166,11 +166,6 @@ class OASIS(Backbone):
                                   backbone_step, force=force, batch_size=batch_size,
                                   progress=progress)
 
-  # ---------------------------------------------------------------- inference
-
-  def infer_inputs(self) -> inputs_lib.OASISInputs:
-    return inputs_lib.OASISInputs(self.config)
-
   # ---------------------------------------------------------------- training stages
 
   def gan_task(self, axis_name: str | None = AXIS) -> OASISGAN:
@@ -182,30 +177,39 @@ class OASIS(Backbone):
   def predictor_rows(self) -> OASISPredictorRows:
     return OASISPredictorRows(self.config)
 
+  # ---------------------------------------------------------------- inference
+
+  def infer_inputs(self) -> inputs_lib.OASISInputs:
+    return inputs_lib.OASISInputs(self.config)
+
   # ---------------------------------------------------------------- costs
 
-  def _sf_backbone(self, sf: float, use_bank: bool) -> 'OASIS':
+  def _at(self, sf: float, use_bank: bool) -> 'OASIS':
     c = ml_collections.ConfigDict(self.config.to_dict())
     c.branches.sf = sf
     c.branches.use_bank = use_bank
     return OASIS(c)
 
-  def _exit_routes(self, use_bank: bool, count_padded: bool = True) -> list[macs.Route]:
-    p, params = pl.abstract(self, use_bank)
-    inputs = self.abstract_inputs()
+  def exit_routes(self, sf: float, use_bank: bool) -> list[macs.Route]:
+    """Full routes through every exit at scale factor `sf` (prefix, blocks up to k, guide,
+    branch k), from the abstract pipeline; the guide is a FAISS host callback while tracing
+    (0 MACs): its search bound is in 'retrieval_gmacs'."""
+    at = self._at(sf, use_bank)
+    p, params = pl.abstract(at, use_bank)
+    inputs = at.abstract_inputs()
     gen_p, br_p = params['generator']['params'], params['branches']['params']
-    ret = round(self.retrieval_macs() / 1e9, 3) if use_bank else 0.0
+    ret = round(at.retrieval_macs() / 1e9, 3) if use_bank else 0.0
     out = []
     for k, fn in zip(p.exits, pl.route_fns(p, backend='faiss')[:-1]):
       bp = macs.count_params(br_p[f'branches_branch_{k}'])
       used = [gen_p[u] for u in ['fc'] + [f'body_{i}' for i in range(k)]]
       out.append(macs.Route(f'exit{k}', fn, (params, *inputs), macs.count_params(used) + bp,
-                            (self.config.data.height, self.config.data.width),
-                            {'sf': round(float(self.config.branches.sf), 6), 'bank': use_bank,
-                             'exit': k, 'branch_params': bp, 'retrieval_gmacs': ret}))
+                            (at.config.data.height, at.config.data.width),
+                            {'sf': round(sf, 6), 'bank': use_bank, 'exit': k,
+                             'branch_params': bp, 'retrieval_gmacs': ret}))
     return out
 
-  def _backbone_route(self) -> macs.Route:
+  def backbone_route(self) -> macs.Route:
     g = self.generator()
     inputs = self.abstract_inputs()
     variables = jax.eval_shape(
@@ -214,21 +218,11 @@ class OASIS(Backbone):
     return macs.Route('backbone', fn, (variables, *inputs), macs.count_params(variables['params']),
                       (self.config.data.height, self.config.data.width))
 
-  def flops_routes(self) -> list[macs.Route]:
-    """The backbone, then every exit for each Table 1 / S8 SF (and config.branches.sf), bank
-    off and on."""
-    sfs = list(self.scale_factors)
-    if not any(abs(self.config.branches.sf - s) < 1e-9 for s in sfs):
-      sfs.append(float(self.config.branches.sf))
-    return [self._backbone_route()] + [
-        r for sf in sfs for use_bank in (False, True)
-        for r in self._sf_backbone(sf, use_bank)._exit_routes(use_bank)]  # noqa: SLF001
-
   def route_costs(self, use_bank: bool) -> np.ndarray:
     """Network GMACs (3 decimals, as the tables) + the retrieval bound of each exit route,
     then the backbone's."""
     rows = [round(macs.count_macs(r.fn, *r.args) / 1e9, 3) + r.extra['retrieval_gmacs']
-            for r in self._exit_routes(use_bank)]
-    b = self._backbone_route()
+            for r in self.exit_routes(float(self.config.branches.sf), use_bank)]
+    b = self.backbone_route()
     rows.append(round(macs.count_macs(b.fn, *b.args) / 1e9, 3))
     return np.asarray(rows, np.float64)

@@ -1,11 +1,15 @@
+"""Branch specs from each adapter's block list (Tables S8 / S9 rule, core/branches.py) and the
+branch blocks built through the one container."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fiancee_jax import config as cfg
-from fiancee_jax.models import branches
-from fiancee_jax.backbones.megaportraits import model as mp
+from fiancee_jax import registry
+from fiancee_jax.config import ConfigError
+from fiancee_jax.core.branches import branch_spec
+from tests.conftest import tiny_config
 
 # Table S8: (fin, fout, h, w) of every SPADE-ResBlock per branch, min channels 64.
 TABLE_S8 = {
@@ -53,7 +57,7 @@ TABLE_S9 = {
 def test_oasis_branch_specs_match_table_s8(repo, sf):
   c = cfg.load(str(repo / 'configs' / 'oasis_cityscapes.py'))
   c.branches.sf = sf
-  specs = branches.specs_from_config(c)
+  specs = registry.get(c).branch_specs()
   assert sorted(specs) == [1, 2, 3, 4]
   for k, rows in TABLE_S8[sf].items():
     assert [(b.fin, b.fout, b.height, b.width) for b in specs[k]] == rows, k
@@ -63,7 +67,7 @@ def test_oasis_branch_specs_match_table_s8(repo, sf):
 def test_megaportraits_branch_specs_match_table_s9(repo, sf):
   c = cfg.load(str(repo / 'configs' / 'megaportraits_voxceleb2.py'))
   c.branches.sf = sf
-  specs = branches.specs_from_config(c)
+  specs = registry.get(c).branch_specs()
   for k, rows in TABLE_S9[sf].items():
     assert [(b.fin, b.fout) for b in specs[k]] == rows, k
     assert specs[k][-1].height == 512  # every branch ends at the output resolution
@@ -72,19 +76,13 @@ def test_megaportraits_branch_specs_match_table_s9(repo, sf):
 def test_branch_after_last_block_is_rejected(repo):
   c = cfg.load(str(repo / 'configs' / 'oasis_cityscapes.py'))
   with pytest.raises(ValueError, match='exit after block 6'):
-    branches.branch_spec(branches.backbone_blocks(c), 6, 0.25, 64, 64)
-
-
-def _tiny():
-  import pathlib
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  return cfg.load(str(repo / 'configs' / 'oasis_synthetic.py'), 'tiny')
+    branch_spec(registry.get(c).blocks(), 6, 0.25, 64, 64)
 
 
 @pytest.mark.parametrize('use_bank', [True, False])
 def test_oasis_branches_forward_tiny(use_bank):
-  c = _tiny()
-  model = branches.oasis_branches_from_config(c, use_bank=use_bank)
+  c = tiny_config()
+  model = registry.get(c).branches(use_bank=use_bank)
   h0, w0 = c.data.height // 32, c.data.width // 32
   w = cfg.oasis_widths(c.model.ch)
   feats = {f'block{k}': jnp.ones((2, h0 * 2 ** (k - 1), w0 * 2 ** (k - 1), w[k]))
@@ -106,9 +104,10 @@ def test_oasis_branches_forward_tiny(use_bank):
 
 
 def _g2d_abstract(config, sf: float, use_bank: bool, batch: int = 1):
-  """(G2DBranches, abstract feats of the exit blocks, abstract frame or None)."""
-  model = branches.g2d_branches_from_config(config, use_bank=use_bank, sf=sf)
-  blocks = branches.backbone_blocks(config)
+  """(the G2D Branches, abstract feats of the exit blocks, abstract frame or None)."""
+  bb = registry.get(config)
+  model = bb.branches(use_bank=use_bank, sf=sf)
+  blocks = bb.blocks()
   feats = {f'block{k}': jax.ShapeDtypeStruct(
       (batch, blocks[k - 1].height, blocks[k - 1].width, blocks[k - 1].fout), jnp.float32)
       for k in config.branches.exits}
@@ -124,7 +123,7 @@ def test_g2d_branch_modules_match_table_s9(repo, sf, use_bank):
   (Table S9 fin [+3 with the bank], fout), the head is Table S9's (24, 3)."""
   c = cfg.load(str(repo / 'configs' / 'megaportraits_voxceleb2.py'))
   model, feats, frame = _g2d_abstract(c, sf, use_bank)
-  params = jax.eval_shape(lambda f, g: model.init(jax.random.key(0), f, g), feats, frame)['params']
+  params = jax.eval_shape(lambda f, g: model.init(jax.random.key(0), f, None, g), feats, frame)['params']
   assert sorted(params) == [f'branches_branch_{k}' for k in (2, 4, 6)]
   extra = 3 if use_bank else 0
   for k, rows in TABLE_S9[sf].items():
@@ -148,10 +147,10 @@ def test_g2d_branches_forward_tiny(repo, use_bank):
   frame = jax.random.uniform(keys[-1], (2, h, h, 3), minval=-1, maxval=1) if use_bank else None
 
   def run(key, feats, frame):
-    v = model.init(key, feats, frame)
-    out = model.apply(v, feats, frame)
-    other = model.apply(v, feats, None if frame is None else -frame)
-    _, new = model.apply(v, feats, frame, True, mutable=['batch_stats'])
+    v = model.init(key, feats, None, frame)
+    out = model.apply(v, feats, None, frame)
+    other = model.apply(v, feats, None, None if frame is None else -frame)
+    _, new = model.apply(v, feats, None, frame, True, mutable=['batch_stats'])
     return v, out, other, new
   # One compile with XLA optimisations off (several times faster than eager init on CPU).
   variables, out, other, new = jax.jit(run).lower(keys[-2], feats, frame).compile(
@@ -168,10 +167,11 @@ def test_g2d_branches_forward_tiny(repo, use_bank):
     for k in out:
       assert float(jnp.mean(jnp.abs(other[k] - out[k]))) > 0, k
     with pytest.raises(ValueError, match='bank frame'):
-      model.apply(variables, feats, None)
+      model.apply(variables, feats, None, None)
 
 
-def test_g2d_branches_need_megaportraits(repo):
-  c = cfg.load(str(repo / 'configs' / 'oasis_synthetic.py'), 'tiny')
-  with pytest.raises(ValueError, match="expected 'megaportraits'"):
-    branches.g2d_branches_from_config(c)
+def test_unknown_backbone_is_refused():
+  c = tiny_config()
+  c.backbone = 'stylegan'
+  with pytest.raises(ConfigError, match="config.backbone='stylegan': expected one of"):
+    registry.get(c)

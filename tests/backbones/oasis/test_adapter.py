@@ -1,62 +1,40 @@
-"""fiancee_jax/fiancee.py: bank feature layout, exit routes composed by hand, GMACs vs Table 1."""
-import os
-
+"""The OASIS adapter through the core pipeline: bank feature layout, exit routes composed by
+hand, GMACs vs Table 1."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fiancee_jax.core import bank as bank_lib
 from fiancee_jax import config as cfg
-from fiancee_jax import fiancee
+from fiancee_jax import registry
+from fiancee_jax.backbones.oasis import bank_inputs
 from fiancee_jax.backbones.oasis import model as oasis
-
-_CACHE = {}
-
-
-def tiny_config(data_dir=None):
-  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'oasis_synthetic.py'),
-               'tiny')
-  if data_dir is not None:
-    c.data.data_dir = str(data_dir)
-  return c
-
-
-def backbone_workdir(tmp_path_factory):
-  """A workdir holding a random-init backbone saved through the checkpoint module (shared
-  by the pipeline tests of this session) and a config pointing at a shared data dir."""
-  if 'wd' not in _CACHE:
-    from fiancee_jax.train import backbone, checkpoint
-    root = tmp_path_factory.mktemp('fiancee')
-    c = tiny_config(root / 'data')
-    st = backbone.create_train_state(c)
-    wd = str(root / 'wd')
-    ck = checkpoint.Checkpointer(wd, 'backbone', c)
-    ck.save(1, {'train': st, 'ema_bn': st.ema_state_g})
-    ck.close()
-    _CACHE['wd'] = (c, wd, st)
-  return _CACHE['wd']
+from fiancee_jax.core import bank as bank_lib
+from fiancee_jax.core import pipeline as pl
+from fiancee_jax.metrics import macs
+from tests.conftest import tiny_config
 
 
 def _random_pipeline(use_bank=True, seed=0):
   c = tiny_config()
   c.branches.use_bank = use_bank
-  gen, br = fiancee.build_modules(c, use_bank=use_bank)
+  bb = registry.get(c)
+  gen, br = bb.generator(), bb.branches(use_bank=use_bank)
   d = c.data
   seg = jax.nn.one_hot(jnp.zeros((1, d.height, d.width), jnp.int32), d.num_classes)
   z = jnp.zeros((1, c.model.z_dim))
   g_vars = gen.init({'params': jax.random.PRNGKey(seed)}, seg, z)
-  b_vars = fiancee.init_branches(c, br, g_vars, jax.random.PRNGKey(seed + 1))
+  b_vars = pl.init_branches(bb, br, jax.random.PRNGKey(seed + 1))
   bank = None
   if use_bank:
     rng = np.random.default_rng(seed)
-    s = fiancee.bank_shapes(c)
+    s = bb.bank_shapes()
     n = 40
     bank = bank_lib.make_bank(rng.normal(size=(n, s['key_dim'])).astype(np.float32),
                               rng.normal(size=(n, *s['value_shape'])).astype(np.float32),
                               rng.integers(0, d.num_classes, n), d.num_classes)
   params = {'generator': g_vars, 'branches': b_vars, 'predictor': None, 'bank': bank}
-  p = fiancee.Pipeline(c, gen, br, None, bank, params, np.zeros(5), tuple(c.branches.exits))
+  p = pl.Pipeline(bb, gen, br, None, params, np.zeros(5), bb.exits)
   return p, params
 
 
@@ -74,7 +52,7 @@ def test_bank_features_layout():
   p, params = _random_pipeline(use_bank=False)
   c = p.config
   labels, seg, z = _inputs(c)
-  keys, values, classes = fiancee.bank_features(p.generator, params['generator'], seg, z)
+  keys, values, classes = bank_inputs.bank_features(p.generator, params['generator'], seg, z)
   h, w = c.data.height // 32, c.data.width // 32
   widths = oasis.widths(c.model.ch)
   assert keys.shape == (2, h, w, widths[1])
@@ -104,7 +82,7 @@ def test_exit_image_is_prefix_guide_branch(use_bank):
     idx = bank_lib.nearest(params['bank'], q, cls, backend='faiss')
     guide = bank_lib.glue(params['bank'].values, idx)
   names = list(p.exits) + ['backbone']  # (a dict with int and str keys is no jit output)
-  stacked = jax.jit(lambda pr, s, zz: [fiancee.all_images(p, pr, s, zz)[k] for k in names])(
+  stacked = jax.jit(lambda pr, s, zz: [pl.all_images(p, pr, s, zz)[k] for k in names])(
       params, seg, z)
   all_imgs = dict(zip(names, stacked))
   np.testing.assert_allclose(all_imgs['backbone'], backbone, atol=1e-5)
@@ -112,10 +90,10 @@ def test_exit_image_is_prefix_guide_branch(use_bank):
     by_hand = p.branches.apply(params['branches'], k, feats[f'block{k}'], feats.get('cond',
                                p.generator.apply(params['generator'], seg, z, method='make_cond')),
                                guide, False, method='exit')
-    got = fiancee.exit_image(p, params, k, seg, z)
+    got = pl.exit_image(p, params, k, seg, z)
     np.testing.assert_allclose(got, by_hand, atol=1e-5)
     np.testing.assert_allclose(all_imgs[k], by_hand, atol=1e-5)
-  fns = fiancee.route_fns(p)
+  fns = pl.route_fns(p)
   assert len(fns) == len(p.exits) + 1
   np.testing.assert_allclose(jax.jit(fns[0])(params, seg, z), all_imgs[p.exits[0]], atol=1e-5)
   # exits differ from each other (the by-hand check is not comparing a constant)
@@ -125,10 +103,10 @@ def test_exit_image_is_prefix_guide_branch(use_bank):
 def test_unguided_exit_ignores_bank_and_guided_needs_it():
   p, params = _random_pipeline(use_bank=True)
   _, seg, z = _inputs(p.config)
-  with pytest.raises(fiancee.PipelineError, match='bank'):
-    fiancee.exit_image(p, {**params, 'bank': None}, 1, seg, z)
-  with pytest.raises(fiancee.PipelineError, match='exit 5'):
-    fiancee.exit_image(p, params, 5, seg, z)
+  with pytest.raises(pl.PipelineError, match='bank'):
+    pl.exit_image(p, {**params, 'bank': None}, 1, seg, z)
+  with pytest.raises(pl.PipelineError, match='exit 5'):
+    pl.exit_image(p, params, 5, seg, z)
 
 
 # Table 1 (GFLOPs = GMACs) of the routes through exits 1..4, no bank.
@@ -137,11 +115,21 @@ TABLE_1 = {1 / 2: (157, 171, 193, 227), 1 / 3: (137, 154, 182, 227), 1 / 4: (120
 TABLE_S8 = {1 / 2: (45.4, 55.7), 1 / 3: (35.6, 44.5), 1 / 4: (30.9, 39.1)}
 
 
+def _routes(c, use_bank):
+  """GMACs and params of the exit routes at config.branches.sf (bank off / on), then the
+  backbone, as the flops CLI counts them."""
+  bb = registry.get(c)
+  rows = []
+  for r in bb.exit_routes(c.branches.sf, use_bank) + [bb.backbone_route()]:
+    rows.append({'gmacs': round(macs.count_macs(r.fn, *r.args) / 1e9, 3), **r.extra})
+  return rows
+
+
 @pytest.mark.parametrize('sf', sorted(TABLE_1))
 def test_exit_gmacs_match_table1_without_bank(repo, sf):
   c = cfg.load(str(repo / 'configs' / 'oasis_cityscapes.py'))
   c.branches.sf = sf
-  rows = fiancee.route_costs(c, use_bank=False)
+  rows = _routes(c, use_bank=False)
   got = [r['gmacs'] for r in rows[:4]]
   for g, want in zip(got, TABLE_1[sf]):
     assert abs(g - want) / want < 0.03, (sf, got)
@@ -149,12 +137,15 @@ def test_exit_gmacs_match_table1_without_bank(repo, sf):
   # Table S8 (without bank): within 5% (ours 44.2 / 34.4 / 29.7 M)
   total = sum(r['branch_params'] for r in rows[:4]) / 1e6
   assert abs(total - TABLE_S8[sf][0]) / TABLE_S8[sf][0] < 0.05, total
+  # the router's costs are the same counts (+ the retrieval bound when guided)
+  costs = registry.get(c).route_costs(use_bank=False)
+  np.testing.assert_allclose(costs, [r['gmacs'] for r in rows], atol=1e-9)
 
 
 def test_guided_routes_cost_more(repo):
   c = cfg.load(str(repo / 'configs' / 'oasis_cityscapes.py'))
-  plain = fiancee.route_costs(c, use_bank=False)
-  guided = fiancee.route_costs(c, use_bank=True)
+  plain = _routes(c, use_bank=False)
+  guided = _routes(c, use_bank=True)
   for a, b in zip(plain[:4], guided[:4]):
     assert b['gmacs'] > a['gmacs'] and b['branch_params'] > a['branch_params']
     assert b['retrieval_gmacs'] == pytest.approx(128 * 5000 * 1024 / 1e9, abs=1e-3)

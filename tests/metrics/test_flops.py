@@ -6,13 +6,15 @@ import jax.numpy as jnp
 import pytest
 
 from fiancee_jax import config as cfg
-from fiancee_jax.metrics import flops
+from fiancee_jax.config import ConfigError
+from fiancee_jax import registry
+from fiancee_jax.metrics import flops, macs
 from fiancee_jax.nn import layers
 
 
 def test_oasis_cityscapes_paper_counts(repo):
   # Table 1 / DESIGN: OASIS Cityscapes generator, 71.11M params, 318.6 GMACs at 256x512.
-  (row,) = [r for r in flops.measure(cfg.load(str(repo / 'configs/oasis_cityscapes.py')))
+  (row,) = [r for r in flops.measure(registry.get(cfg.load(str(repo / 'configs/oasis_cityscapes.py'))))
             if r['route'] == 'backbone']
   assert row['resolution'] == [256, 512]
   assert abs(row['params'] / 1e6 - 71.11) <= 0.01, row
@@ -39,10 +41,10 @@ def test_count_matches_xla_cost_analysis():
   f = lambda v, x: net.apply(v, x)
   ca = jax.jit(f).lower(v, x).compile().cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  macs_real = flops.count_macs(f, v, x, count_padded=False)
+  macs_real = macs.count_macs(f, v, x, count_padded=False)
   assert abs(2 * macs_real - ca['flops']) <= 0.01 * ca['flops']
   # Padded taps are counted by default: strictly more here (3x3 'SAME' borders).
-  assert flops.count_macs(f, v, x) > macs_real
+  assert macs.count_macs(f, v, x) > macs_real
 
 
 def test_count_by_hand_and_abstract_args():
@@ -52,24 +54,24 @@ def test_count_by_hand_and_abstract_args():
   x = jax.ShapeDtypeStruct((1, 10, 10, 3), jnp.float32)
   v = jax.eval_shape(lambda x: conv.init(jax.random.key(0), x), x)
   f = lambda v, x: conv.apply(v, x)
-  assert flops.count_macs(f, v, x) == 100 * 8 * 9 * 3
-  assert flops.count_macs(f, v, x, count_padded=False) == 28 * 28 * 8 * 3
-  assert flops.count_params(v['params']) == 3 * 3 * 3 * 8 + 8
+  assert macs.count_macs(f, v, x) == 100 * 8 * 9 * 3
+  assert macs.count_macs(f, v, x, count_padded=False) == 28 * 28 * 8 * 3
+  assert macs.count_params(v['params']) == 3 * 3 * 3 * 8 + 8
   # Recursion into sub-jaxprs: jit, remat and scan (x length).
   g = jax.checkpoint(jax.jit(f))
-  assert flops.count_macs(g, v, x) == 100 * 8 * 9 * 3
+  assert macs.count_macs(g, v, x) == 100 * 8 * 9 * 3
 
   def scanned(v, x):
     return jax.lax.scan(lambda c, _: (c, f(v, x)), 0.0, None, length=4)[1]
-  assert flops.count_macs(scanned, v, x) == 4 * 100 * 8 * 9 * 3
+  assert macs.count_macs(scanned, v, x) == 4 * 100 * 8 * 9 * 3
 
 
 def test_unknown_backbone_is_a_clear_error():
   c = cfg.base_oasis().copy_and_resolve_references()
   with c.unlocked():
     c.backbone = 'nope'
-  with pytest.raises(ValueError, match='no GMAC routes'):
-    flops.routes(c)
+  with pytest.raises(ConfigError, match="config.backbone='nope': expected one of"):
+    flops.measure(registry.get(c))
 
 
 def test_cli_json(repo, capsys):

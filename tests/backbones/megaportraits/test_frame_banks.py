@@ -1,49 +1,31 @@
-"""fiancee_jax/fiancee_heads.py: frame banks per identity (build, skip, force, layout), both
-retrieval backends agree with brute force, stale / foreign banks are refused."""
+"""MegaPortraits frame banks (backbones/megaportraits/frame_banks.py): a bank per identity
+(build, skip, force, layout), both retrieval backends agree with brute force, stale / foreign
+banks are refused."""
 import os
 
 import jax
 import numpy as np
 import pytest
 
+from fiancee_jax import registry
+from fiancee_jax import workdir as wdir
+from fiancee_jax.backbones.megaportraits import frame_banks
 from fiancee_jax.core import bank as bank_lib
-from fiancee_jax import config as cfg
-from fiancee_jax import fiancee, fiancee_heads
+from fiancee_jax.core import stages
+from fiancee_jax.core.pipeline import PipelineError
 from fiancee_jax.data import heads as heads_data
-
-_CACHE = {}
-
-
-def heads_config(data_dir=None):
-  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs',
-                            'megaportraits_synthetic.py'), 'tiny')
-  c.data.num_identities = 5      # train 0-2, validation 3, test 4 (4 frames each)
-  c.branches.batch_size = 4      # divides by the 4 test devices, <= 12 train pairs
-  c.disc.ch = 8                  # a small patch discriminator (the tiny config keeps 64)
-  if data_dir is not None:
-    c.data.data_dir = str(data_dir)
-  return c
+from tests.conftest import heads_config, heads_workdir
 
 
-def heads_workdir(tmp_path_factory):
-  """A workdir with a random-init head-avatar backbone saved as the backbone stage saves it
-  ({'train': GANState, 'ema_bn': collections} at step 1), shared by the head-avatar tests."""
-  if 'wd' not in _CACHE:
-    from fiancee_jax.train import checkpoint, heads
-    root = tmp_path_factory.mktemp('heads')
-    c = heads_config(root / 'data')
-    st = heads.create_train_state(c)
-    wd = str(root / 'wd')
-    ck = checkpoint.Checkpointer(wd, 'backbone', c)
-    ck.save(1, {'train': st, 'ema_bn': st.ema_state_g})
-    ck.close()
-    _CACHE['wd'] = (c, wd, st)
-  return _CACHE['wd']
+def _load(c, wd, identity, backbone_step=None):
+  bb = registry.get(c)
+  return frame_banks.load_bank(c, bb.bank_shapes(), wd, identity, backbone_step)
 
 
 def test_build_frame_banks_layout_skip_force(tmp_path_factory, capsys):
   c, wd, st = heads_workdir(tmp_path_factory)
-  out = fiancee.build_bank(c, wd, batch_size=3, progress=False)   # 4 frames: 3 + padded 1
+  bb = registry.get(c)
+  out = stages.build_bank(bb, wd, batch_size=3, progress=False)   # 4 frames: 3 + padded 1
   assert sorted(out) == [0, 1, 2, 3, 4]
   n, size = c.bank.frames_per_identity, c.data.height
   first = c.data.frames_per_identity
@@ -52,12 +34,12 @@ def test_build_frame_banks_layout_skip_force(tmp_path_factory, capsys):
   assert m['key_dim'] == 3 + c.model.expr_dim and m['value_shape'] == [size, size, 3]
   assert m['backbone_step'] == 1 and m['meta']['identity'] == 3
   assert m['meta']['frame_ids'] == [first, first + n]   # not the dataset's frames 0..F-1
-  bank = fiancee_heads.load_bank(c, wd, 3, backbone_step=1)
+  bank = _load(c, wd, 3, backbone_step=1)
   # values = the identity's rendered frames; keys = the backbone's motion code of each frame
   frames = np.stack([heads_data.render_frame(c.data.seed, 3, f, size)['image']
                      for f in range(first, first + n)]).astype(np.float32) / 127.5 - 1
-  model = fiancee_heads.build_modules(c)[0]
-  want = fiancee_heads.motion_keys(model, {'params': st.ema_params_g, **st.ema_state_g},
+  model = bb.generator()
+  want = frame_banks.motion_keys(model, {'params': st.ema_params_g, **st.ema_state_g},
                                    frames)
   order = [int(np.argmin(np.abs(frames - v).sum((1, 2, 3)))) for v in np.asarray(bank.values)]
   assert sorted(order) == list(range(n))
@@ -66,13 +48,14 @@ def test_build_frame_banks_layout_skip_force(tmp_path_factory, capsys):
                              atol=1e-4)
   # up to date: kept; --force: rebuilt, same content
   capsys.readouterr()
-  mf = os.path.join(fiancee_heads.identity_bank_dir(wd, 3), 'manifest.json')
+  mf = os.path.join(wdir.identity_bank_dir(wd, 3), 'manifest.json')
   before = os.stat(mf).st_mtime_ns
-  fiancee.build_bank(c, wd, progress=False)
+  stages.build_bank(bb, wd, progress=False)
   assert '0 frame banks built, 5 up to date' in capsys.readouterr().out
   assert os.stat(mf).st_mtime_ns == before
-  m8 = fiancee_heads.build_bank(c, wd, force=True, batch_size=8, progress=False,
-                                identities=[3])[3]
+  gen_vars, meta = stages.load_backbone(bb, wd)
+  m8 = bb.build_bank(wd, gen_vars, meta['step'], force=True, batch_size=8, progress=False,
+                    identities=[3])[3]
   assert os.stat(mf).st_mtime_ns != before
   assert m8['files'] == m['files']   # read batch 3 vs 8: the same bits (sha256 per file)
 
@@ -85,8 +68,9 @@ def _brute_force(keys, key_cls, queries, q_cls):
 
 def test_backends_retrieve_the_same_frame(tmp_path_factory):
   c, wd, st = heads_workdir(tmp_path_factory)
-  fiancee.build_bank(c, wd, progress=False)
-  fb = fiancee_heads.load_banks(c, wd, [4, 0, 2])   # stacked: class i = identity [4, 0, 2][i]
+  bb = registry.get(c)
+  stages.build_bank(bb, wd, progress=False)
+  fb = bb.load_bank(wd, None, identities=[4, 0, 2])   # stacked: class i = identity [4, 0, 2][i]
   assert fb.bank.keys.shape[0] == 3 * c.bank.frames_per_identity
   rng = np.random.default_rng(0)
   keys = np.asarray(fb.bank.keys)
@@ -98,28 +82,29 @@ def test_backends_retrieve_the_same_frame(tmp_path_factory):
   want = _brute_force(keys, np.asarray(fb.bank.key_classes), queries, fb.slots[ident])
   got = {}
   for backend in ('device', 'faiss'):
-    fn = jax.jit(lambda b, s, q, i, be=backend: fiancee_heads.retrieve_frame(b, s, q, i, be))
+    fn = jax.jit(lambda b, s, q, i, be=backend: frame_banks.retrieve_frame(b, s, q, i, be))
     got[backend] = np.asarray(fn(fb.bank, fb.slots, queries, ident))
     np.testing.assert_array_equal(got[backend], np.asarray(fb.bank.values)[want])
   # each example's frame comes from its own identity's bank
   for q, i in zip(got['device'], ident):
-    own = np.asarray(fiancee_heads.load_bank(c, wd, int(i)).values)
+    own = np.asarray(_load(c, wd, int(i)).values)
     assert np.abs(own - q).sum((1, 2, 3)).min() == 0
 
 
 def test_stale_or_foreign_banks_are_refused(tmp_path_factory, tmp_path):
   c, wd, _ = heads_workdir(tmp_path_factory)
-  fiancee.build_bank(c, wd, progress=False)
-  with pytest.raises(fiancee.PipelineError, match=r'backbone_step.*build_bank\.py'):
-    fiancee_heads.load_bank(c, wd, 1, backbone_step=99)
+  bb = registry.get(c)
+  stages.build_bank(bb, wd, progress=False)
+  with pytest.raises(PipelineError, match=r'backbone_step.*build_bank\.py'):
+    _load(c, wd, 1, backbone_step=99)
   other = heads_config(c.data.data_dir)
   other.model.expr_dim = 8
-  with pytest.raises(fiancee.PipelineError, match=r'config_hash.*key_dim.*build_bank\.py'):
-    fiancee_heads.load_bank(other, wd, 1)
-  with pytest.raises(fiancee.PipelineError, match=r'no frame bank for identity 7.*build_bank'):
-    fiancee_heads.load_banks(c, wd, [0, 7])
-  with pytest.raises(fiancee.PipelineError, match=r'no backbone.*--stage=backbone'):
-    fiancee.build_bank(c, str(tmp_path / 'empty'), progress=False)
+  with pytest.raises(PipelineError, match=r'config_hash.*key_dim.*build_bank\.py'):
+    _load(other, wd, 1)
+  with pytest.raises(PipelineError, match=r'no frame bank for identity 7.*build_bank'):
+    bb.load_bank(wd, None, identities=[0, 7])
+  with pytest.raises(PipelineError, match=r'no backbone.*--stage=backbone'):
+    stages.build_bank(bb, str(tmp_path / 'empty'), progress=False)
   two = bank_lib.make_bank(np.zeros((2, 3)), np.zeros((2, 1, 1, 3)), [0, 1])
   with pytest.raises(bank_lib.BankError, match='one-class'):
     bank_lib.stack([two])
