@@ -72,6 +72,9 @@ class PredictorRows(Protocol):
   def to_route(self, *stored: jax.Array) -> tuple[jax.Array, ...]:
     """A batch of `inputs` -> the route inputs (jittable; e.g. uint8 frames to [-1, 1])."""
 
+  def pred_in_shape(self) -> tuple[int, ...]:
+    """Shape of one row's predictor input (the prefix's `pred_in`, no batch axis)."""
+
 
 def _identity(*x):
   return x

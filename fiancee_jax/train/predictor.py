@@ -25,7 +25,6 @@ import optax
 
 from fiancee_jax import config as cfg
 from fiancee_jax import workdir as wd
-from fiancee_jax.core import pipeline as pl
 from fiancee_jax.core import predictor_data
 from fiancee_jax.core import stages
 from fiancee_jax.core.interface import Backbone
@@ -71,10 +70,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def input_shape(backbone: Backbone) -> tuple[int, ...]:
   """Shape of one predictor input: the prefix's `pred_in` without the batch axis (OASIS
   (h, w, C) of the block-1 map; head avatars (3 + expr_dim,), the driver's motion key)."""
-  p, params = pl.abstract(backbone, use_bank=False)
-  s = jax.eval_shape(lambda prm, *x: pl.prefix(p, prm, *x).pred_in, params,
-                     *backbone.abstract_inputs())
-  return tuple(s.shape[1:])
+  return tuple(backbone.predictor_rows().pred_in_shape())
 
 
 def create_state(backbone: Backbone, feat_shape: Sequence[int], model: Any = None,
@@ -90,15 +86,14 @@ def create_state(backbone: Backbone, feat_shape: Sequence[int], model: Any = Non
 
 
 def restore_params(backbone: Backbone, workdir: str) -> PyTree:
-  """Predictor params of the latest predictor checkpoint in `workdir`; one clear error
-  naming the command when there is none."""
-  config = backbone.config
+  """Predictor params of the latest predictor checkpoint in `workdir` (checked against this
+  config); one clear error naming the command when there is none."""
   missing = checkpoint.CheckpointError(
       f'no predictor checkpoint in {workdir}: run `train.py --stage=predictor` first')
   if not os.path.isdir(checkpoint.checkpoint_dir(workdir, STAGE)):
     raise missing
   out = checkpoint.restore_latest(workdir, STAGE, create_state(backbone, input_shape(backbone)),
-                                  config)
+                                  backbone.config)
   if out is None:
     raise missing
   return out[0]['params']

@@ -82,3 +82,7 @@ class HeadsPredictorRows:
   def to_route(self, source: jax.Array, driver: jax.Array, identity: jax.Array) -> tuple:
     to_pm1 = lambda x: x.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
     return to_pm1(source), to_pm1(driver), identity
+
+  def pred_in_shape(self) -> tuple[int, ...]:
+    """The driver's motion key: 3 Euler angles ++ the expression code."""
+    return (3 + int(self.config.model.expr_dim),)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from fiancee_jax import workdir as wd
+from fiancee_jax.config import oasis_widths
 from fiancee_jax.backbones.oasis import bank_inputs
 from fiancee_jax.core import routing
 from fiancee_jax.core.predictor_data import PredictorDataError, RowSet
@@ -91,3 +92,8 @@ class OASISPredictorRows:
 
   def to_route(self, labels, z):
     return labels, z
+
+  def pred_in_shape(self) -> tuple[int, ...]:
+    """The block-1 map (H/32, W/32, C1) (the output of ResBlock 1, where the bank keys are)."""
+    c = self.config
+    return (c.data.height // 32, c.data.width // 32, oasis_widths(c.model.ch)[1])
