@@ -182,18 +182,20 @@ class Backbone(abc.ABC):
     batches it reads, the BN-refresh inputs and the sample rows and grid. The driver owns
     the loop, checkpoints, samples and data parallelism."""
 
-  @abc.abstractmethod
   def branch_losses(self) -> Any:
     """This backbone's part of the branch stage (`fiancee_jax.train.branches`, Sec. 3.1): a
     `train.branches.BranchLosses` — the branch and discriminator losses (one discriminator
     copy per exit), their optimisers, how a loader batch becomes route inputs, the sample
-    rows and grid. The driver runs the frozen backbone through `core.pipeline` itself."""
+    rows and grid. The driver runs the frozen backbone through `core.pipeline` itself.
+    A backbone whose branches are not trained here may leave it out."""
+    raise NotImplementedError(f'{self.name}: no branch stage (Backbone.branch_losses)')
 
-  @abc.abstractmethod
   def predictor_rows(self) -> Any:
     """What a predictor dataset row is (`fiancee_jax.core.predictor_data`, Sec. 3.2): a
     `core.predictor_data.PredictorRows` — each split's rows (index arrays), the host inputs
-    they are computed from and the jittable map from those to route inputs."""
+    they are computed from, the jittable map from those to route inputs and the predictor
+    input's shape. A backbone without a predictor stage may leave it out."""
+    raise NotImplementedError(f'{self.name}: no predictor datasets (Backbone.predictor_rows)')
 
   # ---------------------------------------------------------------- inference
 
