@@ -29,7 +29,6 @@ import functools
 import os
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -59,7 +58,6 @@ class GANTask(Protocol):
 
   config: ml_collections.ConfigDict
   axis_name: str | None                  # data axis of the generator's sync BN (None: one device)
-  generator_local: nn.Module             # the generator without an axis (init, samples, refresh)
   tx_g: optax.GradientTransformation
   tx_d: optax.GradientTransformation
   sample_tag: str                        # TensorBoard tag of the sample grid, after 'samples/'
@@ -94,7 +92,8 @@ class GANTask(Protocol):
     """`num` inputs of `refresh_apply` made from `loader` batches."""
 
   def refresh_apply(self, variables: PyTree, batch: PyTree) -> tuple[Any, PyTree]:
-    """A train-mode forward of `generator_local` returning (outputs, mutated collections)."""
+    """A train-mode forward of the generator without a data axis on one `refresh_batches`
+    item: (outputs, mutated collections)."""
 
   def sample_inputs(self, src: Any) -> dict[str, np.ndarray]:
     """The fixed rows of the sample grid (what `sample` and `sample_grid` read)."""
