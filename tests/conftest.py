@@ -104,10 +104,10 @@ def pytest_configure(config):
 
 # Modules that take longest (seconds of `--durations=0` under 2 workers, AVX2, this machine),
 # scheduled first so no worker is left with a long module at the end (longest first).
-_SLOW_FIRST = ('test_multihost', 'test_fiancee', 'test_train_branches', 'test_parallel',
-               'test_infer_heads', 'test_kill_safety', 'test_flops', 'test_branches',
-               'test_megaportraits', 'test_train_heads', 'test_lpips', 'test_video_frames_pipeline',
-               'test_oasis', 'test_oasis_train_parity', 'test_build_bank')
+_SLOW_FIRST = ('test_multihost', 'test_adapter', 'test_branches_oasis', 'test_parallel',
+               'test_sweep_heads', 'test_kill_safety', 'test_flops', 'test_branches',
+               'test_model', 'test_gan_megaportraits', 'test_gan_oasis', 'test_lpips',
+               'test_video_frames_pipeline', 'test_train_parity', 'test_stages')
 
 
 def pytest_collection_modifyitems(session, config, items):

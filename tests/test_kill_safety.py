@@ -26,14 +26,17 @@ import pytest
 from PIL import Image
 
 from fiancee_jax.core import bank as bank_lib
-from fiancee_jax import data, fiancee, report
+from fiancee_jax import data, registry
+from fiancee_jax import workdir as wdir
+from fiancee_jax.backbones.oasis import bank_inputs
+from fiancee_jax.core import predictor_data as pdata
+from fiancee_jax.core import stages
+from fiancee_jax.infer import report
 from fiancee_jax.data import builders
 from fiancee_jax.train import checkpoint
-from fiancee_jax.train import predictor as tp
-from tests.test_fiancee import backbone_workdir, tiny_config
-from tests.test_report import _result
+from tests.conftest import REPO, backbone_workdir, tiny_config
+from tests.infer.test_report import _result
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env() -> dict:
@@ -41,7 +44,7 @@ def _env() -> dict:
   the session's compilation cache (a child compiles what the session compiled once)."""
   import jax
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p))
+             PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get('PYTHONPATH')) if p))
   cache = jax.config.jax_compilation_cache_dir
   if cache:
     env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1')
@@ -162,14 +165,15 @@ def _bank_cmd(c, wd, *extra):
 
 def test_bank_build_killed_keeps_or_rebuilds(bank_setup, tmp_path, capsys):
   c, wd = bank_setup
-  path = fiancee.bank_dir(wd)
+  path = wdir.bank_dir(wd)
+  bb = registry.get(c)
   temps = lambda: glob.glob(os.path.join(wd, '.bank.tmp-*'))  # noqa: E731
   # 1. First build, killed once its temporary folder exists (no bank yet).
   _kill_at(_bank_cmd(c, wd), lambda: bool(temps()), 'bank build: temporary folder',
            str(tmp_path / 'log1'))
   assert temps() and not os.path.exists(path)
   capsys.readouterr()
-  m1 = fiancee.build_bank(c, wd, progress=False)  # the rerun: builds, removes the leftover
+  m1 = stages.build_bank(bb, wd, progress=False)  # the rerun: builds, removes the leftover
   out = capsys.readouterr().out
   assert '.bank.tmp-' in out and 'killed' in out, out
   assert not temps()
@@ -182,9 +186,9 @@ def test_bank_build_killed_keeps_or_rebuilds(bank_setup, tmp_path, capsys):
   assert temps()
   old = bank_lib.load(path, verify=True)  # the old bank survives, whole
   assert old.manifest['files'] == m1['files']
-  assert fiancee.existing_bank_ok(c, wd, m1['backbone_step']) is None
+  assert bank_inputs.existing_bank_ok(c, bb.bank_shapes(), wd, m1['backbone_step']) is None
   capsys.readouterr()
-  m2 = fiancee.build_bank(c, wd, force=True, progress=False)  # the same command again
+  m2 = stages.build_bank(bb, wd, force=True, progress=False)  # the same command again
   out = capsys.readouterr().out
   assert '.bank.tmp-' in out and 'killed' in out, out
   assert not temps() and not glob.glob(os.path.join(wd, '.bank.*'))
@@ -198,7 +202,7 @@ def test_bank_build_killed_keeps_or_rebuilds(bank_setup, tmp_path, capsys):
 _PREPARE = """
 import sys
 from fiancee_jax import data
-from tests.test_fiancee import tiny_config
+from tests.conftest import tiny_config
 c = tiny_config(sys.argv[1])
 c.data.num_train = int(sys.argv[2])
 data.prepare(c.data, sys.argv[1])
@@ -249,24 +253,26 @@ def test_prepare_rebuilds_a_version_folder_without_dataset_info(tmp_path, capsys
 _ROWS = """
 import sys
 import numpy as np
-from fiancee_jax.train import predictor as tp
+from fiancee_jax.core import predictor_data as pdata
 path, n, fp = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-tp._save_npz(path, {'feats': np.ones((n,), np.float32), 'fingerprint': np.array(fp)})
+pdata.save_npz(path, {'feats': np.ones((n,), np.float32), 'fingerprint': np.array(fp)})
 """
 
 
 def test_predictor_cache_write_killed_loads_the_whole_one(tmp_path, capsys):
   c = tiny_config(str(tmp_path / 'data'))
   wd = str(tmp_path / 'wd')
-  _, maps, z = tp.split_rows(c, wd, 'test')
-  fp = tp._fingerprint(c, wd, 'test', maps.astype(np.int64), z.astype(np.float32))
+  bb = registry.get(c)
+  rs = bb.predictor_rows().rows(wd, 'test')
+  maps, z = rs.index['maps'], rs.index['z']
+  fp = pdata.fingerprint(c, wd, 'test', *rs.index.values())
   rng = np.random.default_rng(0)
   feats = rng.normal(size=(len(maps), 3, 4, 8)).astype(np.float32)
   targets = rng.uniform(size=(len(maps), 4)).astype(np.float32)
-  path = os.path.join(tp.stage_dir(wd), 'dataset_test.npz')
-  tp._save_npz(path, {'feats': feats, 'targets': targets, 'maps': maps.astype(np.int32),
+  path = os.path.join(wdir.predictor_dir(wd), 'dataset_test.npz')
+  pdata.save_npz(path, {'feats': feats, 'targets': targets, 'maps': maps.astype(np.int32),
                       'z': z.astype(np.float32), 'fingerprint': np.array(fp)})
-  temps = lambda: glob.glob(os.path.join(tp.stage_dir(wd), '.dataset_test.npz.tmp-*'))  # noqa
+  temps = lambda: glob.glob(os.path.join(wdir.predictor_dir(wd), '.dataset_test.npz.tmp-*'))  # noqa
   for point, nbytes in (('first bytes written', 0), ('32 MB written', 32 << 20)):
     _kill_at(['-c', _ROWS, path, str(32 << 20), fp],  # 128 MB of rows
              lambda: any(os.path.getsize(f) > nbytes for f in temps()),
@@ -274,14 +280,14 @@ def test_predictor_cache_write_killed_loads_the_whole_one(tmp_path, capsys):
     assert temps(), point
     # The stage's reader (train.py --stage=predictor, infer.py --sweep) takes the whole cache;
     # without a pipeline it could not rebuild, so it has loaded, not recomputed.
-    rows = tp.dataset(c, wd, 'test')
+    rows = pdata.dataset(bb, wd, 'test')
     np.testing.assert_allclose(rows['feats'], feats, rtol=1e-6)
     np.testing.assert_allclose(rows['targets'], targets, rtol=1e-6)
   capsys.readouterr()
-  tp._save_npz(path, {'feats': feats + 1, 'targets': targets, 'maps': maps.astype(np.int32),
+  pdata.save_npz(path, {'feats': feats + 1, 'targets': targets, 'maps': maps.astype(np.int32),
                       'z': z.astype(np.float32), 'fingerprint': np.array(fp)})
   assert 'killed' in capsys.readouterr().out and not temps()  # the next write tidies up
-  np.testing.assert_allclose(tp.dataset(c, wd, 'test')['feats'], feats + 1, rtol=1e-6)
+  np.testing.assert_allclose(pdata.dataset(bb, wd, 'test')['feats'], feats + 1, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- report write
@@ -289,7 +295,7 @@ def test_predictor_cache_write_killed_loads_the_whole_one(tmp_path, capsys):
 _REPORT = """
 import pickle
 import sys
-from fiancee_jax import report
+from fiancee_jax.infer import report
 with open(sys.argv[2], 'rb') as f:
   report.write(sys.argv[1], pickle.load(f))
 """

@@ -88,6 +88,10 @@ class Backbone(abc.ABC):
   def generator(self, axis_name: str | None = None) -> nn.Module:
     """The backbone generator (axis_name: the data-parallel axis of sync batch norm)."""
 
+  def init_generator(self, rng: jax.Array, inputs: tuple) -> PyTree:
+    """Fresh generator variables from route inputs (abstract ones with `jax.eval_shape`)."""
+    return self.generator().init({'params': rng}, *inputs, False)
+
   @abc.abstractmethod
   def discriminator(self) -> nn.Module:
     """The backbone's discriminator (branch training gives each exit a copy)."""
@@ -174,13 +178,13 @@ class Backbone(abc.ABC):
 
   # ---------------------------------------------------------------- training stages
 
-  @abc.abstractmethod
   def gan_task(self, axis_name: str | None = 'data') -> Any:
     """This backbone's part of the backbone stage (`fiancee_jax.train.gan`, Sec. 4.1 / 4.2):
     a `train.gan.GANTask` — generator + discriminator and their optimisers, the per-device
     train step (sync BN and gradient means over `axis_name`; None: one device), the loader
     batches it reads, the BN-refresh inputs and the sample rows and grid. The driver owns
     the loop, checkpoints, samples and data parallelism."""
+    raise NotImplementedError(f'{self.name}: no backbone training stage')
 
   def branch_losses(self) -> Any:
     """This backbone's part of the branch stage (`fiancee_jax.train.branches`, Sec. 3.1): a

@@ -203,8 +203,7 @@ def abstract(backbone: Backbone, use_bank: bool, sf: float | None = None
   gen = backbone.generator()
   br = backbone.branches(use_bank=use_bank, sf=sf)
   inputs = backbone.abstract_inputs()
-  g_vars = jax.eval_shape(lambda *x: gen.init({'params': jax.random.key(0)}, *x, False),
-                          *inputs)
+  g_vars = jax.eval_shape(lambda *x: backbone.init_generator(jax.random.key(0), x), *inputs)
   b_vars = jax.eval_shape(functools.partial(init_branches, backbone, br), jax.random.key(0))
   bank = backbone.abstract_bank() if br.use_bank else None
   params = {'generator': g_vars, 'branches': b_vars, 'predictor': None, 'bank': bank}

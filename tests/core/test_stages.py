@@ -11,7 +11,7 @@ from fiancee_jax import data, registry
 from fiancee_jax.backbones.oasis import bank_inputs
 from fiancee_jax.core import stages
 from fiancee_jax.core.pipeline import PipelineError
-from tests.conftest import backbone_workdir, tiny_config
+from tests.conftest import REPO, backbone_workdir, tiny_config
 
 
 def _load_bank(c, wd, backbone_step=None):
@@ -100,7 +100,7 @@ def test_bank_on_another_cpu_isa_agrees_within_tolerance(tmp_path_factory, tmp_p
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': ' '.join(flags + [f'--xla_cpu_max_isa={isa}'])}
   subprocess.run([sys.executable, '-c', code, c.data.data_dir, other], check=True, env=env,
-                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                 cwd=str(REPO),
                  stdout=subprocess.DEVNULL, timeout=300)
   a, b = _load_bank(c, here), _load_bank(c, other)
   np.testing.assert_array_equal(np.asarray(a.key_classes), np.asarray(b.key_classes))

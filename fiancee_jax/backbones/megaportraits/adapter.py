@@ -56,6 +56,10 @@ class MegaPortraits(Backbone):
   def generator(self, axis_name: str | None = None) -> megaportraits.HeadAvatar:
     return megaportraits.from_config(self.config, axis_name=axis_name)
 
+  def init_generator(self, rng: jax.Array, inputs: tuple) -> PyTree:
+    source, driver, _ = inputs   # the identity only picks the frame bank
+    return self.generator().init({'params': rng}, source, driver, False)
+
   def discriminator(self):
     return discriminator_lib.from_config(self.config)
 

@@ -6,7 +6,7 @@ class that dominates that position's block of the label map; values are the (4, 
 patches (NHWC) of the map after ResBlock 3 on the same grid. Head avatars (Sec. 4.2): one key
 per frame (3 angles + 512-d expression, grid 1x1), the value is the frame, no classes
 (`classes=None` = one class); one bank per source identity, and `stack` merges several into
-one bank whose class i is identity i (fiancee_jax/fiancee_heads.py). At inference each query
+one bank whose class i is identity i (backbones/megaportraits/frame_banks.py). At inference each query
 position fetches the value of its nearest key of the same class (L2) and the patches are
 glued back into a guide feature map.
 

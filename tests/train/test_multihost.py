@@ -14,7 +14,7 @@ checks both `parallel` modes on a toy step (global mean over all 4 devices). Als
 `parallel.distributed_settings`, a bad environment through train.py (one line), the launcher's
 prefixes and exit status.
 
-Run as a script (`tests/test_multihost.py <out> <data_dir> <workdir>`), this file is the worker
+Run as a script (`tests/train/test_multihost.py <out> <data_dir> <workdir>`), this file is the worker
 of the launch.
 """
 import json
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_STEPS, STOP_AT = 2, 1
 
 
@@ -60,15 +60,16 @@ def worker(out: str, data_dir: str, workdir: str) -> None:
     state, metrics = dp(dp.put_state({'w': np.zeros((), np.float32)}), dp.put_batch({'x': rows}))
     result[mode] = [float(dp.get_state(state)['w']), float(metrics['g']), dp.num_devices]
 
-  from fiancee_jax.train import backbone
+  from fiancee_jax import registry
+  from fiancee_jax.train import gan
 
   def sigterm(step, state, metrics):  # noqa: ARG001 - the real signal, to process 1 only
     if pid == 1 and step == STOP_AT:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  stopped = backbone.train_and_evaluate(_config(data_dir), workdir, hooks=[sigterm])
+  stopped = gan.train_and_evaluate(registry.get(_config(data_dir)), workdir, hooks=[sigterm])
   result['stopped_at'] = int(stopped.step)
-  result['resumed_to'] = int(backbone.train_and_evaluate(_config(data_dir), workdir).step)
+  result['resumed_to'] = int(gan.train_and_evaluate(registry.get(_config(data_dir)), workdir).step)
   with open(os.path.join(out, f'p{pid}.json'), 'w') as f:
     json.dump(result, f)
 
@@ -118,7 +119,8 @@ def runs(tmp_path_factory):
 
   import jax
   from fiancee_jax import data
-  from fiancee_jax.train import backbone, checkpoint
+  from fiancee_jax import registry
+  from fiancee_jax.train import checkpoint, gan
   root = tmp_path_factory.mktemp('multihost')
   data_dir, out, mh = root / 'data', root / 'out', str(root / 'mh')
   out.mkdir()
@@ -131,7 +133,7 @@ def runs(tmp_path_factory):
       stderr=subprocess.STDOUT, start_new_session=True)
   # Meanwhile the reference: one process, 4 devices, the same global batch.
   assert jax.device_count() == 4
-  backbone.train_and_evaluate(_config(data_dir, STOP_AT), str(root / 'ref'))
+  gan.train_and_evaluate(registry.get(_config(data_dir, STOP_AT)), str(root / 'ref'))
   try:
     log, _ = launch.communicate(timeout=300)
   except subprocess.TimeoutExpired:
@@ -148,7 +150,7 @@ def runs(tmp_path_factory):
   resumed = str(root / 'ref_resumed')
   shutil.copytree(src, os.path.join(checkpoint.checkpoint_dir(resumed, 'backbone'),
                                     str(STOP_AT)))
-  backbone.train_and_evaluate(_config(data_dir), resumed)
+  gan.train_and_evaluate(registry.get(_config(data_dir)), resumed)
   return results, mh, {STOP_AT: str(root / 'ref'), NUM_STEPS: resumed}, text, wall
 
 
@@ -167,7 +169,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs):
   results, mh, _, log, _ = runs
   assert [r['stopped_at'] for r in results] == [STOP_AT, STOP_AT]
   assert f'[p1] [backbone] stopped by signal {int(signal.SIGTERM)} after step {STOP_AT}' in log
-  assert f'[p0] [backbone] stopped with the other processes' in log
+  assert '[p0] [backbone] stopped with the other processes' in log
   # One consistent checkpoint at the stop step (the resume then wrote the last one).
   from fiancee_jax.train import checkpoint
   assert checkpoint.finished_steps(mh, 'backbone') == [STOP_AT, NUM_STEPS]

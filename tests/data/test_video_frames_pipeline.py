@@ -15,11 +15,13 @@ from PIL import Image
 
 from fiancee_jax import config as cfg
 from fiancee_jax import data as fdata
-from fiancee_jax import fiancee, fiancee_heads
+from fiancee_jax import registry
+from fiancee_jax import workdir as wdir
+from fiancee_jax.backbones.megaportraits import frame_banks
+from fiancee_jax.core import stages
 from fiancee_jax.data.builders import DataError
-from fiancee_jax.train import backbone as tbackbone
 from fiancee_jax.train import branches as tbranches
-from fiancee_jax.train import checkpoint, heads
+from fiancee_jax.train import checkpoint, gan
 
 SIZE = 32
 FRAMES_PER_VIDEO = 4
@@ -57,7 +59,7 @@ def _vox_tree(root: pathlib.Path) -> None:
 
 
 def _config(root: pathlib.Path):
-  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs',
+  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', '..', 'configs',
                             'megaportraits_synthetic.py'), 'tiny')
   c.data.name = 'video_frames'
   c.data.manual_dir = str(root / 'vox')
@@ -80,10 +82,11 @@ def run(tmp_path_factory):
   c = _config(root)
   wd = str(root / 'wd')
   metrics = []
-  bb = tbackbone.train_and_evaluate(                # dispatches to train/heads.py
-      c, wd, hooks=[lambda step, s, m: metrics.append(jax.device_get(m))])
-  banks = fiancee.build_bank(c, wd, batch_size=4, progress=False)   # -> fiancee_heads
-  br = tbranches.train_and_evaluate(c, wd)          # dispatches to train/branches_heads.py
+  adapter = registry.get(c)
+  bb = gan.train_and_evaluate(adapter, wd,
+                              hooks=[lambda step, s, m: metrics.append(jax.device_get(m))])
+  banks = stages.build_bank(adapter, wd, batch_size=4, progress=False)   # a bank per identity
+  br = tbranches.train_and_evaluate(adapter, wd)
   return dict(config=c, workdir=wd, backbone=bb, backbone_metrics=metrics, banks=banks,
               branches=br)
 
@@ -99,7 +102,7 @@ def test_dataset_splits_and_no_mask(run):
   with pytest.raises(DataError, match="split 'validation' not available"):
     fdata.source(c.data, 'validation', c.data.data_dir)
   # Self-reenactment pairs within one video; every pixel is foreground.
-  batch = next(heads.pairs_loader(c, train, 4, seed=0))
+  batch = next(registry.get(c).gan_task().loader(train, 4, seed=0))
   assert batch['driver_mask'].shape == (4, SIZE, SIZE) and (batch['driver_mask'] == 255).all()
   assert 'driver_pose' not in batch
   pairs = fdata.reenactment_pairs(train, c.seed)
@@ -122,9 +125,10 @@ def test_backbone_stage(run):
 def test_frame_bank_per_identity(run):
   c, wd = run['config'], run['workdir']
   assert sorted(run['banks']) == [0, 1, 2]
-  index = fiancee_heads.dataset_frames(c, c.data.data_dir)
+  index = frame_banks.dataset_frames(c, c.data.data_dir)
   params, coll, meta = checkpoint.load_backbone(wd, c)
-  model = fiancee_heads.build_modules(c)[0]
+  adapter = registry.get(c)
+  model = adapter.generator()
   srcs = {s: fdata.source(c.data, s, c.data.data_dir) for s in index}
   for ident, available in ((0, 7), (1, 4), (2, 4)):
     m = run['banks'][ident]
@@ -136,13 +140,13 @@ def test_frame_bank_per_identity(run):
     assert m['meta']['examples'] == [[split, i] for i in index[split][ident]]
     frames = np.stack([srcs[split][i]['image'] for i in index[split][ident]])
     frames = frames.astype(np.float32) / 127.5 - 1.0
-    bank = fiancee_heads.load_bank(c, wd, ident, backbone_step=meta['step'])
+    bank = frame_banks.load_bank(c, adapter.bank_shapes(), wd, ident, backbone_step=meta['step'])
     values = np.asarray(bank.values)
     # each value is one of this identity's dataset frames, no frame twice
     dist = np.abs(values[:, None] - frames[None]).max((2, 3, 4))
     order = dist.argmin(1)
     assert (dist.min(1) < 1e-6).all() and len(set(order.tolist())) == len(order)
-    keys = np.asarray(fiancee_heads.motion_keys(model, {'params': params, **coll}, frames))
+    keys = np.asarray(frame_banks.motion_keys(model, {'params': params, **coll}, frames))
     np.testing.assert_allclose(np.asarray(bank.keys), keys[order], rtol=1e-4, atol=1e-4)
     if available > BANK_FRAMES:
       # FPS on the keys from the identity's first frame: each pick is (up to float ties) the
@@ -151,7 +155,7 @@ def test_frame_bank_per_identity(run):
       for j in range(1, len(order)):
         d = ((keys[:, None] - keys[order[:j]][None]) ** 2).sum(-1).min(1)
         assert d[order[j]] >= d.max() * (1 - 1e-3), (ident, j, d)
-  with open(os.path.join(fiancee_heads.identity_bank_dir(wd, 0), 'manifest.json')) as f:
+  with open(os.path.join(wdir.identity_bank_dir(wd, 0), 'manifest.json')) as f:
     assert json.load(f)['meta']['data'] == 'video_frames'
 
 
@@ -164,6 +168,6 @@ def test_branch_stage(run):
   assert [os.path.basename(p) for p in pngs] == ['branches_0000002.png']
   # source | driver | bank frame | backbone | exit 4; 4 self rows + 4 other-identity drivers
   assert Image.open(pngs[0]).size == (5 * SIZE, 8 * SIZE)
-  p = fiancee.load_pipeline(c, wd, stages=('backbone', 'bank', 'branches'))
-  assert p.params['bank'].keys.shape[0] == BANK_FRAMES + 4 + 4   # identities 0, 1, 2
+  p = stages.load_pipeline(registry.get(c), wd, stages=('backbone', 'bank', 'branches'))
+  assert p.params['bank'].bank.keys.shape[0] == BANK_FRAMES + 4 + 4   # identities 0, 1, 2
   jax.tree.map(np.testing.assert_array_equal, p.params['branches']['params'], st.params_b)

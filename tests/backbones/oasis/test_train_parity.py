@@ -15,7 +15,7 @@ from fiancee_jax.backbones.oasis import losses  # noqa: E402
 from fiancee_jax.backbones.oasis import discriminator as discriminators
 from fiancee_jax.nn import layers  # noqa: E402
 from fiancee_jax.backbones.oasis import torch_weights as oasis_torch  # noqa: E402
-from tests import torch_oasis_ref as ref  # noqa: E402
+from tests.backbones.oasis import torch_oasis_ref as ref  # noqa: E402
 
 NC, H, W = 6, 64, 64
 D_CH = (3, 8, 8, 8, 16, 16, 16)
@@ -156,13 +156,14 @@ def test_one_train_step_matches_oasis(tmp_path, repo):
   import optax
 
   from fiancee_jax import config as cfg
+  from fiancee_jax import registry
   from fiancee_jax.backbones.oasis import model as oasis
-  from fiancee_jax.train import backbone
+  from fiancee_jax.train import gan
   from fiancee_jax.train.state import GANState
 
   config = cfg.load(str(repo / 'configs/oasis_synthetic.py'), 'tiny')
   d, m, t = config.data, config.model, config.train
-  models = backbone.build_models(config, axis_name=None)
+  models = registry.get(config).gan_task(None)
 
   torch.manual_seed(0)  # OASIS init: xavier_normal(0.02) on every conv, zero biases
   g_t = ref.OASISGenerator(d.num_classes, d.height, d.width, ch=m.ch, z_dim=m.z_dim,
@@ -181,10 +182,10 @@ def test_one_train_step_matches_oasis(tmp_path, repo):
                    opt_g=models.tx_g.init(params_g), opt_d=models.tx_d.init(params_d),
                    rng=jax.random.PRNGKey(7))
   batch = _step_inputs(d.num_classes, d.height, d.width, t.batch_size)
-  z_d, z_g, mask = backbone.step_noise(state.rng, state.step, jnp.asarray(batch['label']), models,
-                                       axis_name=None)
-  step = jax.jit(lambda s, b: backbone.train_step(s, b, models=models, axis_name=None))
-  new, metrics = step(backbone.step_state(models, state), batch)
+  z_d, z_g, mask = models.step_noise(state.rng, state.step, jnp.asarray(batch['label']),
+                                     axis_name=None)
+  step = jax.jit(lambda s, b: models.train_step(s, b, axis_name=None))
+  new, metrics = step(gan.step_state(models, state), batch)
   new = new.train
 
   # PyTorch: the same iteration with the same draws.

@@ -7,21 +7,24 @@ import numpy as np
 import pytest
 
 from fiancee_jax import config as cfg
-from fiancee_jax.train import backbone, parallel
+from fiancee_jax import registry
+from fiancee_jax.train import gan, parallel
 
 
 @pytest.fixture(scope='module')
 def setup():
-  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'oasis_synthetic.py'),
+  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'oasis_synthetic.py'),
                'tiny')
-  models, dp4 = backbone.compiled(c)   # shard_map over all 4 devices (shared with train tests)
-  state0 = backbone.step_state(models, backbone.create_train_state(c, models))
+  bb = registry.get(c)
+  comp = gan.compiled(bb)   # shard_map over all 4 devices
+  models, dp4 = comp.task, comp.step
+  state0 = gan.step_state(models, gan.create_train_state(bb, comp))
   rng = np.random.default_rng(0)
   h, w = c.data.height, c.data.width
   labels = rng.integers(0, 6, (4, h, w)).astype(np.uint8)
   labels[:, :8] = rng.integers(20, 27, (4, 8, w))  # a few more classes, some rare
   batch = {'image': rng.integers(0, 256, (4, h, w, 3)).astype(np.uint8), 'label': labels}
-  dp1 = parallel.wrap(backbone.make_step(models), 'shard_map', devices=jax.devices()[:1])
+  dp1 = parallel.wrap(models.train_step, 'shard_map', devices=jax.devices()[:1])
   ref, ref_metrics = dp1(dp1.put_state(state0), dp1.put_batch(batch))
   return c, models, dp4, state0.train, batch, dp1.get_state(ref.train), ref_metrics
 
@@ -52,9 +55,9 @@ def test_single_step_sane(setup):
 @pytest.mark.parametrize('mode', ['shard_map', 'pmap'])
 def test_four_devices_equal_one(setup, mode):
   _, models, dp4, state0, batch, ref, ref_metrics = setup
-  dp = dp4 if mode == 'shard_map' else parallel.wrap(backbone.make_step(models), 'pmap')
+  dp = dp4 if mode == 'shard_map' else parallel.wrap(models.train_step, 'pmap')
   assert dp.num_devices == 4
-  out, metrics = dp(dp.put_state(backbone.step_state(models, state0)), dp.put_batch(batch))
+  out, metrics = dp(dp.put_state(gan.step_state(models, state0)), dp.put_batch(batch))
   out = dp.get_state(out.train)
   for k in ref_metrics:
     np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=1e-4, atol=1e-5)
@@ -74,13 +77,13 @@ def test_batch_must_split_over_devices():
 def test_vgg_loss_in_generator_step(setup):
   """train.vgg_lambda > 0 adds the OASIS VGG term to G's loss: reported and it moves G."""
   c, _, _, state0, batch, ref, _ = setup
-  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'oasis_synthetic.py'),
+  c = cfg.load(os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'oasis_synthetic.py'),
                'tiny')
   with c.unlocked():
     c.train.vgg_lambda = 10.0
-  models = backbone.build_models(c)
-  dp1 = parallel.wrap(backbone.make_step(models), 'shard_map', devices=jax.devices()[:1])
-  carry = backbone.step_state(models, state0)
+  models = registry.get(c).gan_task(parallel.AXIS)
+  dp1 = parallel.wrap(models.train_step, 'shard_map', devices=jax.devices()[:1])
+  carry = gan.step_state(models, state0)
   assert set(carry.frozen) == {'vgg'}
   out, metrics = dp1(dp1.put_state(carry), dp1.put_batch(batch))
   assert np.isfinite(float(metrics['g_vgg'])) and float(metrics['g_vgg']) > 0

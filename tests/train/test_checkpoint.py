@@ -13,7 +13,7 @@ from fiancee_jax.train.state import GANState, adam
 
 
 def _config(arg='tiny'):
-  return cfg.load(os.path.join(os.path.dirname(__file__), '..', 'configs', 'oasis_synthetic.py'),
+  return cfg.load(os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'oasis_synthetic.py'),
                   arg)
 
 

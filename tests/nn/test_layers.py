@@ -1,4 +1,4 @@
-"""fiancee_jax/models/layers.py: `conv` / `Conv` (the matmul weight gradient of stride-1
+"""fiancee_jax/nn/layers.py: `conv` / `Conv` (the matmul weight gradient of stride-1
 even-kernel convs) against XLA's conv and flax's nn.Conv."""
 import flax.linen as nn
 import jax

@@ -10,7 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 from fiancee_jax import config as cfg  # noqa: E402
 from fiancee_jax.nn import layers, oasis  # noqa: E402
 from fiancee_jax.backbones.oasis import torch_weights as oasis_torch  # noqa: E402
-from tests.torch_oasis_ref import OASISGenerator  # noqa: E402
+from tests.backbones.oasis.torch_oasis_ref import OASISGenerator  # noqa: E402
 
 NC, H, W, CH, ZD, HID = 35, 64, 128, 4, 64, 32
 
