@@ -7,7 +7,7 @@ fiancee_jax/ knows it: tests register it with `fiancee_jax.registry.register`.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax

@@ -8,7 +8,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from fiancee_jax import config as cfg  # noqa: E402
-from fiancee_jax.nn import layers, oasis  # noqa: E402
+from fiancee_jax.backbones.oasis import model as oasis  # noqa: E402
+from fiancee_jax.nn import layers  # noqa: E402
 from fiancee_jax.backbones.oasis import torch_weights as oasis_torch  # noqa: E402
 from tests.backbones.oasis.torch_oasis_ref import OASISGenerator  # noqa: E402
 
