@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -256,13 +255,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if problems:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems))
   return config
-
-
-def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Where the stages read prepared datasets: data.data_dir, else <workdir>/../data (so the
-  runs of one machine share one prepared copy). The parent is taken from the path, so a
-  workdir that does not exist yet is not created on the way to it."""
-  return config.data.data_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), 'data')
 
 
 def _check_oasis(config: ml_collections.ConfigDict, need) -> None:

@@ -109,7 +109,7 @@ def _state(step: int) -> dict:
 @pytest.mark.parametrize('point', ['tmp_folder', 'state_16MB'])
 def test_orbax_save_killed_resumes_last_finished_step(tmp_path, capsys, point):
   wd = str(tmp_path / 'wd')
-  d = checkpoint.checkpoint_dir(wd, 'backbone')
+  d = wdir.checkpoint_dir(wd, 'backbone')
   tmp2 = lambda: glob.glob(os.path.join(d, '2.orbax-checkpoint-tmp*'))  # noqa: E731
   reached = {'tmp_folder': lambda: bool(tmp2()),
              'state_16MB': lambda: bool(tmp2()) and _size(tmp2()[0]) >= 16 << 20}[point]
@@ -153,7 +153,7 @@ def bank_setup(tmp_path_factory):
   c.bank.num_maps, c.bank.num_noises = 16, _NOISES
   wd = str(tmp_path_factory.mktemp('kill_bank') / 'wd')
   shutil.copytree(os.path.join(wd0, 'checkpoints', 'backbone'),
-                  checkpoint.checkpoint_dir(wd, 'backbone'))
+                  wdir.checkpoint_dir(wd, 'backbone'))
   return c, wd
 
 

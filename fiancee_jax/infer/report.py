@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from fiancee_jax.data.common import colorize
 from fiancee_jax.io_utils import atomic_write
+from fiancee_jax.train import logging as tlog
 
 # Figure files by role, per report kind; the paper numbers them differently for its two
 # experiments (semantic synthesis: 'oasis'; head avatars: 'heads').
@@ -268,8 +270,6 @@ def fig10_key_angle(path: str, res: dict[str, Any]) -> None:
 def samples_png(path: str, res: dict[str, Any]) -> None:
   """OASIS: label | exits | backbone | routed. Heads (Fig. 5): source | driver | bank frame |
   backbone | exits | routed."""
-  from fiancee_jax.data.common import colorize  # noqa: PLC0415
-  from fiancee_jax.train import logging as tlog  # noqa: PLC0415
   s = res['samples']
   heads = 'inputs' in s
   routes = [s['exits'][-1]] + list(s['exits'][:-1]) if heads else list(s['exits'])

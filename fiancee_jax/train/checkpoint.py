@@ -23,6 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from fiancee_jax import config as cfg
+from fiancee_jax import workdir as wdir
 from fiancee_jax.errors import FianceeError
 
 PyTree = Any
@@ -39,14 +40,10 @@ class CheckpointError(FianceeError):
   """A missing, corrupt or incompatible checkpoint."""
 
 
-def checkpoint_dir(workdir: str, stage: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints', stage)
-
-
 def finished_steps(workdir: str, stage: str) -> list[int]:
   """The finished checkpoint steps of `stage` in `workdir`, ascending (orbax's temporary
   folders of unfinished saves are not steps)."""
-  d = checkpoint_dir(workdir, stage)
+  d = wdir.checkpoint_dir(workdir, stage)
   names = os.listdir(d) if os.path.isdir(d) else []
   return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(d, n)))
 
@@ -74,7 +71,7 @@ class Checkpointer:
   def __init__(self, workdir: str, stage: str, config: ml_collections.ConfigDict | None = None,
                *, keep: int = 3, read_only: bool = False):
     self.workdir, self.stage, self.config = workdir, stage, config
-    self.directory = checkpoint_dir(workdir, stage)
+    self.directory = wdir.checkpoint_dir(workdir, stage)
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f'no {stage} checkpoint in {workdir}: {self.directory} does not '
                             'exist (run that stage first)')
@@ -176,7 +173,7 @@ def restore_latest(workdir: str, stage: str, target: PyTree,
                    ) -> tuple[PyTree, dict[str, Any]] | None:
   """(state, meta) of the latest `stage` checkpoint in `workdir`, or None if there is none.
   With `config`, a checkpoint of another config raises CheckpointError."""
-  if not os.path.isdir(checkpoint_dir(workdir, stage)):
+  if not os.path.isdir(wdir.checkpoint_dir(workdir, stage)):
     return None
   ckpt = Checkpointer(workdir, stage, config, read_only=True)
   try:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fiancee_jax import workdir as wdir
 from fiancee_jax import config as cfg
 from fiancee_jax import workdir as wd
 from fiancee_jax.core import predictor_data
@@ -90,7 +91,7 @@ def restore_params(backbone: Backbone, workdir: str) -> PyTree:
   config); one clear error naming the command when there is none."""
   missing = checkpoint.CheckpointError(
       f'no predictor checkpoint in {workdir}: run `train.py --stage=predictor` first')
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir, STAGE)):
+  if not os.path.isdir(wdir.checkpoint_dir(workdir, STAGE)):
     raise missing
   out = checkpoint.restore_latest(workdir, STAGE, create_state(backbone, input_shape(backbone)),
                                   backbone.config)

@@ -116,7 +116,7 @@ def test_backbone_stage(run):
   assert len(m) == 2 and all(np.isfinite(float(v)) for x in m for v in x.values())
   assert 'g_angles' not in m[0]                     # no head poses in video_frames
   assert 0 < float(m[0]['g_l1']) < 2                # L1 over the whole (unmasked) frame
-  assert sorted(os.listdir(checkpoint.checkpoint_dir(wd, 'backbone'))) == ['2']
+  assert sorted(os.listdir(wdir.checkpoint_dir(wd, 'backbone'))) == ['2']
   pngs = sorted(glob.glob(os.path.join(wd, 'samples', 'step_*.png')))
   assert [os.path.basename(p) for p in pngs] == ['step_0000002.png']
   assert Image.open(pngs[0]).size == (4 * SIZE, 4 * SIZE)   # 4 self-reenactment rows only
@@ -163,7 +163,7 @@ def test_branch_stage(run):
   c, wd = run['config'], run['workdir']
   st = run['branches']
   assert int(st.step) == c.branches.num_steps == 2
-  assert sorted(os.listdir(checkpoint.checkpoint_dir(wd, 'branches'))) == ['1', '2']
+  assert sorted(os.listdir(wdir.checkpoint_dir(wd, 'branches'))) == ['1', '2']
   pngs = sorted(glob.glob(os.path.join(wd, 'samples', 'branches_*.png')))
   assert [os.path.basename(p) for p in pngs] == ['branches_0000002.png']
   # source | driver | bank frame | backbone | exit 4; 4 self rows + 4 other-identity drivers

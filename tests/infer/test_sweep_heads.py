@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fiancee_jax import workdir as wdir
 from fiancee_jax import registry
 from fiancee_jax.backbones.megaportraits import frame_banks
 from fiancee_jax.core import predictor_data, routing, stages
@@ -40,8 +41,8 @@ def trained(tmp_path_factory):
   c.predictor.batch_size = 4
   bb = registry.get(c)
   wd = str(tmp_path_factory.mktemp('infer_heads') / 'wd')
-  shutil.copytree(checkpoint.checkpoint_dir(wd0, 'backbone'),
-                  checkpoint.checkpoint_dir(wd, 'backbone'))
+  shutil.copytree(wdir.checkpoint_dir(wd0, 'backbone'),
+                  wdir.checkpoint_dir(wd, 'backbone'))
   stages.build_bank(bb, wd, progress=False)
   models = tb.build_models(bb, axis_name=None)
   host = tb.create_train_state(bb, models, tb.load_backbone_discriminator(bb, wd))

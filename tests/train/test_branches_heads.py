@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from fiancee_jax import workdir as wdir
 from fiancee_jax import registry
 from fiancee_jax.core import stages
 from fiancee_jax.train import branches as tb
@@ -62,7 +63,7 @@ def test_branch_step_and_resume(tmp_path_factory):
   state2 = tb.train_and_evaluate(bb, wd)
   assert int(state2.step) == 2
   assert not _leaves_equal(state2.params_b, state1.params_b)
-  assert sorted(os.listdir(checkpoint.checkpoint_dir(wd, 'branches'))) == ['1', '2']
+  assert sorted(os.listdir(wdir.checkpoint_dir(wd, 'branches'))) == ['1', '2']
   pngs = sorted(glob.glob(os.path.join(wd, 'samples', 'branches_*.png')))
   assert [os.path.basename(p) for p in pngs] == ['branches_0000001.png', 'branches_0000002.png']
   p = stages.load_pipeline(bb, wd, stages=('backbone', 'bank', 'branches'))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fiancee_jax import workdir as wdir
 from fiancee_jax import config as cfg
 from fiancee_jax.train import checkpoint
 from fiancee_jax.train.state import GANState, adam
@@ -37,7 +38,7 @@ def test_round_trip_keep_last_k_and_load_backbone(tmp_path):
   for step in (1, 2, 3):
     ck.save(step, _item(_state(step)), {'data': {'epoch': 0, 'batch': step}})
   ck.close()
-  steps = sorted(int(d) for d in os.listdir(checkpoint.checkpoint_dir(str(tmp_path), 'backbone'))
+  steps = sorted(int(d) for d in os.listdir(wdir.checkpoint_dir(str(tmp_path), 'backbone'))
                  if d.isdigit())
   assert steps == [2, 3]
   restored, meta = checkpoint.restore_latest(str(tmp_path), 'backbone', _item(_state(0)), c)
@@ -72,6 +73,6 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
   ck = checkpoint.Checkpointer(str(tmp_path), 'backbone', c)
   ck.save(1, _item(_state()))
   ck.close()
-  shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(str(tmp_path), 'backbone'), '1', 'state'))
+  shutil.rmtree(os.path.join(wdir.checkpoint_dir(str(tmp_path), 'backbone'), '1', 'state'))
   with pytest.raises(checkpoint.CheckpointError, match='cannot restore checkpoint'):
     checkpoint.restore_latest(str(tmp_path), 'backbone', _item(_state()), c)

@@ -12,6 +12,7 @@ import optax
 import pytest
 from PIL import Image
 
+from fiancee_jax import workdir as wdir
 from fiancee_jax import config as cfg
 from fiancee_jax import data as fdata
 from fiancee_jax import registry
@@ -70,7 +71,7 @@ def test_train_samples_checkpoints_and_exact_resume(tmp_path, data_dir):
   wd = str(tmp_path / 'b')
   stopped = run(wd, hooks=[_sigterm_after(2)])
   assert int(stopped.step) == 2
-  ckdir = checkpoint.checkpoint_dir(wd, 'backbone')
+  ckdir = wdir.checkpoint_dir(wd, 'backbone')
   assert sorted(os.listdir(ckdir)) == ['2']
   resumed = run(wd)
   assert int(resumed.step) == 4

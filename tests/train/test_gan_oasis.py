@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from fiancee_jax import workdir as wdir
 from fiancee_jax import config as cfg
 from fiancee_jax import registry
 from fiancee_jax.train import checkpoint, gan
@@ -49,7 +50,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, comp):
   wd = str(tmp_path / 'b')
   stopped = _train(_config(4, data), wd, comp, hooks=[_sigterm_after(2)])
   assert int(stopped.step) == 2
-  ckdir = checkpoint.checkpoint_dir(wd, 'backbone')
+  ckdir = wdir.checkpoint_dir(wd, 'backbone')
   assert sorted(os.listdir(ckdir)) == ['2']
   resumed = _train(_config(4, data), wd, comp)
   assert int(resumed.step) == 4

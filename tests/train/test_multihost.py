@@ -120,7 +120,8 @@ def runs(tmp_path_factory):
   import jax
   from fiancee_jax import data
   from fiancee_jax import registry
-  from fiancee_jax.train import checkpoint, gan
+  from fiancee_jax import workdir as wdir
+  from fiancee_jax.train import gan
   root = tmp_path_factory.mktemp('multihost')
   data_dir, out, mh = root / 'data', root / 'out', str(root / 'mh')
   out.mkdir()
@@ -146,9 +147,9 @@ def runs(tmp_path_factory):
   assert launch.returncode == 0, f'{root / "launch.log"}:\n{text[-6000:]}'
   results = [json.load(open(out / f'p{i}.json')) for i in range(2)]
   # One process resumed from the two processes' stop checkpoint, one step.
-  src = os.path.join(checkpoint.checkpoint_dir(mh, 'backbone'), str(STOP_AT))
+  src = os.path.join(wdir.checkpoint_dir(mh, 'backbone'), str(STOP_AT))
   resumed = str(root / 'ref_resumed')
-  shutil.copytree(src, os.path.join(checkpoint.checkpoint_dir(resumed, 'backbone'),
+  shutil.copytree(src, os.path.join(wdir.checkpoint_dir(resumed, 'backbone'),
                                     str(STOP_AT)))
   gan.train_and_evaluate(registry.get(_config(data_dir)), resumed)
   return results, mh, {STOP_AT: str(root / 'ref'), NUM_STEPS: resumed}, text, wall

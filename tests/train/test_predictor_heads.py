@@ -10,6 +10,7 @@ import shutil
 import jax
 import numpy as np
 
+from fiancee_jax import workdir as wdir
 from fiancee_jax import data as fdata
 from fiancee_jax import registry
 from fiancee_jax.core import pipeline as pl
@@ -31,8 +32,8 @@ def _workdir(tmp_path, tmp_path_factory):
   c.predictor.num_train, c.predictor.num_test, c.predictor.num_noises = 4, 2, 2
   c.predictor.batch_size = 4
   wd = str(tmp_path / 'wd')
-  shutil.copytree(checkpoint.checkpoint_dir(wd0, 'backbone'),
-                  checkpoint.checkpoint_dir(wd, 'backbone'))
+  shutil.copytree(wdir.checkpoint_dir(wd0, 'backbone'),
+                  wdir.checkpoint_dir(wd, 'backbone'))
   bb = registry.get(c)
   stages.build_bank(bb, wd, progress=False)
   models = tb.build_models(bb, axis_name=None)

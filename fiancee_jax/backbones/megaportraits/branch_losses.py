@@ -23,6 +23,7 @@ from fiancee_jax import workdir as wd
 from fiancee_jax.backbones.megaportraits import discriminator as discriminator_lib
 from fiancee_jax.backbones.megaportraits import frame_banks
 from fiancee_jax.backbones.megaportraits import losses
+from fiancee_jax.metrics import vgg_loss
 from fiancee_jax.train import logging as tlog
 from fiancee_jax.train.state import adam, per_copy
 
@@ -77,7 +78,6 @@ class HeadsBranchLosses:
     """The VGG19 trunk when loss_weights.vgg > 0."""
     vgg = None
     if self.weights.get('vgg', 0.0) > 0:
-      from fiancee_jax.metrics import vgg_loss  # noqa: PLC0415 (reads the weight package)
       vgg = vgg_loss.load_params()[0]
     return {'vgg': vgg}
 

@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from fiancee_jax.metrics import msssim, vgg_loss
+
 Array = jax.Array
 PyTree = Any
 # (vgg_params, x, y) -> scalar perceptual distance of images in [-1, 1].
@@ -105,7 +107,6 @@ def masked_ms_ssim(x: Array, y: Array, mask: Array,
   allows (all 5 from 161 px; 3 at 64 px, 2 at 32 px), the scale weights renormalised to
   sum to 1 so the loss keeps its range on small (CPU) images."""
   if ms_ssim_fn is None:
-    from fiancee_jax.metrics import msssim
     levels = ms_ssim_levels(min(x.shape[1:3]))
     w = msssim.MS_WEIGHTS[:levels]
     w = tuple(v / sum(w) for v in w)
@@ -123,7 +124,6 @@ def masked_vgg(vgg_params: PyTree, x: Array, y: Array, mask: Array,
   Caffe trunk's 0..255 input makes it ~127.5x larger); for a torchvision VGG19 pass
   vgg_fn=functools.partial(vgg_loss.apply, preprocess='oasis')."""
   if vgg_fn is None:
-    from fiancee_jax.metrics import vgg_loss
     scale = vgg_loss.loss_scale(vgg_loss.DEFAULT_MODE)
     vgg_fn = lambda p, a, b: scale * vgg_loss.apply(p, a, b)  # noqa: E731
   return vgg_fn(vgg_params, apply_mask(x, mask), apply_mask(y, mask))

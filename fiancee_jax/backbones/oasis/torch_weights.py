@@ -30,10 +30,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fiancee_jax import config as cfg
+from fiancee_jax import workdir as wdir
 from fiancee_jax.backbones.oasis import discriminator as discriminators
 
 from fiancee_jax.backbones.oasis import model as oasis
 from fiancee_jax.errors import FianceeError
+from fiancee_jax.train import checkpoint
+from fiancee_jax.weights import torch_archive
 
 _CONV = re.compile(r'^(fc|conv_img)\.(weight|bias)$')
 _BLOCK_CONV = re.compile(r'^body\.(\d+)\.(conv_0|conv_1|conv_s)\.(weight_orig|bias|weight_u|weight_v)$')
@@ -52,7 +56,6 @@ class ConversionError(FianceeError):
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """A torch state_dict file as {key: numpy array}, without torch."""
-  from fiancee_jax.weights import torch_archive
   obj = torch_archive.load(path)
   if not isinstance(obj, Mapping):
     raise ConversionError(f'{path}: expected a bare state_dict (OASIS *_G.pth / *_EMA.pth), '
@@ -210,8 +213,7 @@ def import_discriminator(path: str,
 def write_backbone(variables: dict[str, Any], config, workdir: str, source: str) -> str:
   """Save imported generator variables as the workdir's backbone checkpoint (step 0) in the
   layout `train.checkpoint.load_backbone` reads. Refuses to overwrite an existing one."""
-  from fiancee_jax.train import checkpoint
-  directory = checkpoint.checkpoint_dir(workdir, 'backbone')
+  directory = wdir.checkpoint_dir(workdir, 'backbone')
   if os.path.isdir(directory) and os.listdir(directory):
     raise FileExistsError(f'{directory} already holds a backbone checkpoint; import into '
                           'another --out workdir')
@@ -226,7 +228,6 @@ def write_backbone(variables: dict[str, Any], config, workdir: str, source: str)
 
 
 def main(argv: list[str] | None = None) -> None:
-  from fiancee_jax import config as cfg
   ap = argparse.ArgumentParser(description='Import an official OASIS generator checkpoint.')
   ap.add_argument('checkpoint', help='OASIS *_EMA.pth or *_G.pth (bare state_dict)')
   ap.add_argument('--config', required=True, help='configs/<name>.py[:arg]')
