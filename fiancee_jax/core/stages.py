@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from fiancee_jax import config as cfg
 from fiancee_jax import workdir as wd
+from fiancee_jax.core import bank as bank_lib
 from fiancee_jax.core.interface import Backbone
 from fiancee_jax.core.pipeline import Pipeline, PipelineError, init_branches
 from fiancee_jax.train import checkpoint
@@ -84,6 +85,23 @@ def load_predictor(backbone: Backbone, workdir: str) -> PyTree:
     return {'params': state['params']}
   raise PipelineError(f'predictor checkpoint in {wd.checkpoint_dir(workdir, "predictor")}: no '
                       f'"predictor" or "params" entry (keys {sorted(state)}); rerun {cmd}')
+
+
+def load_bank_at(config, workdir: str, path: str, shapes: dict, backbone_step: int | None,
+                 verify: bool = True, what: str = 'bank') -> bank_lib.Bank:
+  """The bank in `path` (one of `workdir`'s), checked against this config's model hash and
+  the adapter's `shapes` (and the backbone step): a PipelineError naming build_bank.py when
+  it is missing, another model's, stale or corrupt."""
+  cmd = wd.stage_cmd(config, workdir, 'python build_bank.py')
+  if not os.path.isfile(os.path.join(path, 'manifest.json')):
+    raise PipelineError(f'no {what} in {path}: run `{cmd}`')
+  expect = {'config_hash': cfg.config_hash(config), **shapes}
+  if backbone_step is not None:
+    expect['backbone_step'] = int(backbone_step)
+  try:
+    return bank_lib.load(path, expect=expect, verify=verify)
+  except bank_lib.BankError as e:
+    raise PipelineError(f'{e} (`{cmd} --force`)') from e
 
 
 def load_pipeline(backbone: Backbone, workdir: str, stages: Sequence[str] = STAGES,

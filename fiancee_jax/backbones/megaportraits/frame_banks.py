@@ -24,7 +24,6 @@ identity) and each example searches its own source identity's frames (`retrieve_
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,6 +37,7 @@ from fiancee_jax import data as fdata
 from fiancee_jax import workdir as wd
 from fiancee_jax.backbones.megaportraits import model as megaportraits
 from fiancee_jax.core import bank as bank_lib
+from fiancee_jax.core import stages
 from fiancee_jax.core.pipeline import PipelineError
 from fiancee_jax.data import heads as heads_data
 
@@ -152,15 +152,8 @@ def load_bank(config, shapes: dict, workdir: str, identity: int, backbone_step: 
   """The frame bank of one identity, checked against this config (and the backbone step)."""
   path = wd.identity_bank_dir(workdir, identity)
   cmd = wd.stage_cmd(config, workdir, 'python build_bank.py')
-  if not os.path.isfile(os.path.join(path, 'manifest.json')):
-    raise PipelineError(f'no frame bank for identity {identity} in {path}: run `{cmd}`')
-  expect = {'config_hash': cfg.config_hash(config), **shapes}
-  if backbone_step is not None:
-    expect['backbone_step'] = int(backbone_step)
-  try:
-    bank = bank_lib.load(path, expect=expect, verify=verify)
-  except bank_lib.BankError as e:
-    raise PipelineError(f'{e} (`{cmd} --force`)') from e
+  bank = stages.load_bank_at(config, workdir, path, shapes, backbone_step, verify,
+                             f'frame bank for identity {identity}')
   meta = bank.manifest.get('meta', {})
   if meta.get('identity') != int(identity):
     raise PipelineError(f'{path} holds the bank of identity {meta.get("identity")}, expected '

@@ -21,6 +21,7 @@ from fiancee_jax import io_utils
 from fiancee_jax import workdir as wd
 from fiancee_jax.backbones.oasis import model as oasis
 from fiancee_jax.core import bank as bank_lib
+from fiancee_jax.core import stages
 from fiancee_jax.core.pipeline import PipelineError
 
 PyTree = Any
@@ -55,17 +56,8 @@ def bank_features(generator: oasis.Generator, gen_vars: PyTree, seg_onehot: jax.
 def load_bank(config, shapes: dict, workdir: str, backbone_step: int | None = None,
               verify: bool = True) -> bank_lib.Bank:
   """The bank of `workdir`, checked against this config (and the backbone step)."""
-  path = wd.bank_dir(workdir)
-  cmd = wd.stage_cmd(config, workdir, 'python build_bank.py')
-  if not os.path.isfile(os.path.join(path, 'manifest.json')):
-    raise PipelineError(f'no bank in {path}: run `{cmd}`')
-  expect = {'config_hash': cfg.config_hash(config), **shapes}
-  if backbone_step is not None:
-    expect['backbone_step'] = int(backbone_step)
-  try:
-    return bank_lib.load(path, expect=expect, verify=verify)
-  except bank_lib.BankError as e:
-    raise PipelineError(f'{e} (`{cmd} --force`)') from e
+  return stages.load_bank_at(config, workdir, wd.bank_dir(workdir), shapes, backbone_step,
+                             verify)
 
 
 def _bank_meta(config, noises: np.ndarray, map_ids: np.ndarray) -> dict:
