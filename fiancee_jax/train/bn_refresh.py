@@ -7,7 +7,6 @@ EMA weights calls this.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Iterable
 
 import jax
@@ -18,20 +17,19 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, PyTree], tuple[Any, PyTree]]
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled(apply_fn: ApplyFn):
+def compile_update(apply_fn: ApplyFn) -> Callable:
+  """The jitted update of one refresh step (the caller keeps it: one compilation per owner)."""
   def update(params, collections, batch):
     _, mutated = apply_fn({'params': params, **collections}, batch)
     return {**collections, **dict(mutated)}
   return jax.jit(update)
 
 
-def refresh_bn_stats(apply_fn: ApplyFn, params: PyTree, collections: dict[str, PyTree],
+def refresh_bn_stats(update: Callable, params: PyTree, collections: dict[str, PyTree],
                      batches: Iterable[PyTree]) -> dict[str, PyTree]:
-  """Run train-mode forwards of `apply_fn` on each batch, threading the mutable collections
-  (running stats, spectral-norm vectors); params are untouched. Returns the new collections.
-  Keep `apply_fn` the same object across calls (it keys the compiled function)."""
-  update = _compiled(apply_fn)
+  """Run train-mode forwards (`update = compile_update(apply_fn)`) on each batch, threading
+  the mutable collections (running stats, spectral-norm vectors); params are untouched.
+  Returns the new collections."""
   collections = dict(collections)
   for batch in batches:
     collections = update(params, collections, batch)

@@ -120,7 +120,7 @@ class Compiled:
     self.task, self.key = task, task.compile_key()
     self.init = jax.jit(task.init_variables)
     self.sample = jax.jit(task.sample)
-    self.refresh_apply = task.refresh_apply   # one object: bn_refresh compiles per apply fn
+    self.refresh = bn_refresh.compile_update(task.refresh_apply)
     self._mode, self._devices = mode, devices
 
   @functools.cached_property
@@ -173,7 +173,7 @@ def step_state(task: GANTask, train: GANState) -> StepState:
 def refresh_ema_stats(comp: Compiled, task: GANTask, state: GANState,
                       batches: Iterator[dict], num: int) -> dict[str, PyTree]:
   """EMA generator collections after `num` train-mode batches (OASIS: 50; train/bn_refresh)."""
-  return bn_refresh.refresh_bn_stats(comp.refresh_apply, state.ema_params_g,
+  return bn_refresh.refresh_bn_stats(comp.refresh, state.ema_params_g,
                                      dict(state.ema_state_g), task.refresh_batches(batches, num))
 
 

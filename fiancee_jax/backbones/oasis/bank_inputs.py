@@ -97,12 +97,6 @@ def existing_bank_ok(config, shapes: dict, workdir: str, backbone_step: int | No
   return None
 
 
-@functools.lru_cache(maxsize=4)
-def _feature_fn(generator: oasis.Generator, key_block: int, value_block: int):
-  return jax.jit(lambda gv, seg, z: bank_features(generator, gv, seg, z, key_block,
-                                                  value_block))
-
-
 def build_bank(config, shapes: dict, workdir: str, gen_vars: PyTree, step: int | None, *,
                force: bool = False, batch_size: int = 16, progress: bool = True) -> dict:
   """M = bank.num_maps train label maps (random, fixed seed) x K = bank.num_noises fixed
@@ -126,7 +120,8 @@ def build_bank(config, shapes: dict, workdir: str, gen_vars: PyTree, step: int |
   rng = np.random.default_rng(config.seed)
   map_ids = np.sort(rng.choice(len(src), size=b.num_maps, replace=False))
   noises = fixed_noises(config)
-  fn = _feature_fn(oasis.from_config(config), b.key_block, b.value_block)
+  fn = jax.jit(functools.partial(bank_features, oasis.from_config(config),
+                                 key_block=b.key_block, value_block=b.value_block))
   nc = config.data.num_classes
   pairs = [(int(m), j) for m in map_ids for j in range(b.num_noises)]
 
