@@ -48,11 +48,6 @@ def split_variables(variables: PyTree) -> tuple[PyTree, dict[str, PyTree]]:
   return params, dict(variables)
 
 
-def merge_variables(params: PyTree, collections: dict[str, PyTree]) -> dict[str, PyTree]:
-  """(params, collections) -> a Flax variables dict for `Module.apply`."""
-  return {'params': params, **collections}
-
-
 def ema_update(ema: PyTree, new: PyTree, decay: float | jax.Array) -> PyTree:
   """decay * ema + (1 - decay) * new on every floating leaf (others copied from `new`)."""
   def upd(e, n):
