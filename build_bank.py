@@ -29,6 +29,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from fiancee_jax.train import parallel
   try:
+    cli.compilation_cache(FLAGS.workdir)  # before the first compile
     parallel.initialize()  # several processes: before any other JAX call
     parallel.one_process_only('build_bank.py')
     from fiancee_jax import registry

@@ -14,9 +14,16 @@ source brings its own, a source file needs --identity):
       --source_index 0 --driver_index 5 --split test --threshold 0.1
   python infer.py --config configs/megaportraits_synthetic.py --workdir runs/heads --sweep
 
-One input prints a JSON line: chosen exit, predicted (and with --verify true) LPIPS, GMACs,
-latency; the image goes to --out (default <workdir>/infer/<name>_t<threshold>.png).
+Routing rule (both modes): --rule=calibrated (default; conformal offset for --alpha, default
+config.routing.alpha, from the calibration rows train.py --stage=predictor cached), --rule=ltt
+[--delta 0.1] (Learn-then-Test: the bound holds with probability 1 - delta), --rule=paper
+(offset 0); --offset X overrides the rule with a hand-set offset (not together with --rule).
+
+One input prints a JSON line: chosen exit, rule and offset, predicted (and with --verify true)
+LPIPS, GMACs, latency, time to first image (from process start; 'startup' splits it); the
+image goes to --out (default <workdir>/infer/<name>_t<threshold>.png).
 --sweep writes <workdir>/report/ (report.md, summary.json, figures).
+Compiled programs are cached in <workdir>/xla_cache (a second run loads them).
 """
 import json
 import sys
@@ -26,6 +33,8 @@ from ml_collections import config_flags
 
 from fiancee_jax import cli
 from fiancee_jax.errors import FianceeError
+
+STARTED = cli.process_start_time()
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Workdir holding the trained stages.')
@@ -40,7 +49,15 @@ flags.DEFINE_integer('identity', None, 'Head avatars: identity whose frame bank 
                      '--source file.')
 flags.DEFINE_integer('noise_seed', 0, 'Seed of the noise z.')
 flags.DEFINE_string('threshold', '0.1', 'LPIPS threshold, in (0, 1].')
-flags.DEFINE_float('offset', 0.0, 'Conformal offset added to predictions (0 = paper rule).')
+flags.DEFINE_enum('rule', 'calibrated', ['calibrated', 'ltt', 'paper'],
+                  'Routing rule: calibrated = conformal offset from the cached calibration rows '
+                  '(expected violation rate <= --alpha); ltt = Learn-then-Test offset (violation '
+                  'rate <= --alpha with probability >= 1 - --delta); paper = offset 0.')
+flags.DEFINE_float('alpha', None, 'Allowed share of outputs whose true LPIPS exceeds the '
+                   'threshold (default config.routing.alpha).')
+flags.DEFINE_float('delta', 0.1, '--rule=ltt: probability that its bound fails.')
+flags.DEFINE_float('offset', None, 'Override: this offset (added to the predictions) for '
+                   'every threshold instead of a --rule (not with --rule).')
 flags.DEFINE_bool('verify', False, 'Also compute the true LPIPS against the backbone image.')
 flags.DEFINE_string('out', None, 'Output PNG path for one input.')
 flags.DEFINE_bool('sweep', False, 'Sweep thresholds over the test split and write the report.')
@@ -55,18 +72,21 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from fiancee_jax.train import parallel
   try:
+    cli.compilation_cache(FLAGS.workdir)  # before the first compile
     parallel.initialize()  # several processes: before any other JAX call
     from fiancee_jax import registry
-    from fiancee_jax.infer import engine, inputs, sweep
+    from fiancee_jax.infer import engine, inputs, rules, sweep
+    rule = rules.check(FLAGS.rule if FLAGS['rule'].present else None, FLAGS.alpha,
+                       FLAGS.delta, FLAGS.offset, float(FLAGS.config.routing.alpha))
     bb = registry.get(FLAGS.config)
     if FLAGS.sweep:
       ts = None if FLAGS.thresholds is None else [inputs.check_threshold(t, 'thresholds')
                                                    for t in FLAGS.thresholds]
-      summary = sweep.sweep(bb, FLAGS.workdir, thresholds=ts, repeats=FLAGS.repeats)
+      summary = sweep.sweep(bb, FLAGS.workdir, thresholds=ts, repeats=FLAGS.repeats, rule=rule)
       print(json.dumps(summary, default=str))
       return
     t = inputs.check_threshold(FLAGS.threshold)
-    info = engine.infer_file(bb, FLAGS.workdir, threshold=t, offset=FLAGS.offset,
+    info = engine.infer_file(bb, FLAGS.workdir, threshold=t, rule=rule, started=STARTED,
                              verify=FLAGS.verify, out=FLAGS.out, repeats=max(FLAGS.repeats, 1),
                              label=FLAGS.label, index=FLAGS.index, split=FLAGS.split,
                              noise_seed=FLAGS.noise_seed, source=FLAGS.source,

@@ -38,6 +38,7 @@ def main(argv):
     # incomplete download fails here, before the stage creates anything in the workdir.
     parallel.chief_first(lambda: data.prepare(
         FLAGS.config.data, wd.data_dir(FLAGS.config, FLAGS.workdir)), 'prepare')
+    cli.compilation_cache(FLAGS.workdir, must_exist=False)  # before the stage's first compile
     stage.train_and_evaluate(backbone, FLAGS.workdir)
   except (FianceeError, FileNotFoundError) as e:  # bad input, missing weight files: one line
     sys.exit(f'train.py: {e}')

@@ -1,7 +1,8 @@
 """What the absl entry scripts (train.py, build_bank.py, infer.py) share: flag parsing that
-answers a bad flag with one line.
+answers a bad flag with one line, the persistent compilation cache, the process's start time.
 
   app.run(main, flags_parser=cli.flags_parser('train.py'))
+  cli.compilation_cache(FLAGS.workdir)    # in main, before the first compile
 
 absl prints a bad flag value as 'FATAL Flags parsing error: ...' plus a hint line, and
 ml_collections lets an override of a key the config does not have (`--config.train.nokey=1`)
@@ -11,11 +12,15 @@ escape flag parsing as an AttributeError traceback. Both end here in one line
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
+import time
 from typing import Callable, Sequence
 
 from absl import flags
+
+from fiancee_jax import workdir as wd
 
 _OVERRIDE = re.compile(r'^--?(?:no)?config\.([^=]+)')
 
@@ -90,3 +95,44 @@ def unknown_override(argv: Sequence[str]) -> str | None:
       return (f'{arg}: unknown config key {m.group(1)!r} ({where} has no {part!r}); '
               f'{hint}expected one of {where}: {", ".join(keys)}')
   return None
+
+
+# Compiles faster than this are not worth a cache file (a read costs ~ms): the tiny eager ops
+# stay out, every jitted stage, route and predictor function goes in.
+CACHE_MIN_COMPILE_S = 0.05
+CACHE_MAX_BYTES = 4 << 30   # a bound turns on jax's file lock: processes may share a workdir
+
+
+def compilation_cache(workdir: str, must_exist: bool = True) -> str | None:
+  """Use `<workdir>/xla_cache` as jax's persistent compilation cache (a second run of the same
+  command loads its programs instead of compiling them); call once, before the first compile.
+  Returns the directory used, or None: a cache dir already set (JAX_COMPILATION_CACHE_DIR, or
+  a test session's) is kept and returned as is; with `must_exist`, a workdir that does not
+  exist is left alone (the command fails on it anyway, and must not create it)."""
+  import jax  # noqa: PLC0415 (the flag parsers above must not import jax)
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  if must_exist and not os.path.isdir(workdir):
+    return None
+  path = wd.xla_cache_dir(workdir)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', CACHE_MIN_COMPILE_S)
+  jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
+  return path
+
+
+def process_start_time() -> float:
+  """When this process started, on the `time.time()` clock (Linux: /proc/self/stat, so the
+  interpreter's start and every import count); elsewhere the time of this module's import."""
+  try:
+    with open('/proc/self/stat') as f:
+      ticks = int(f.read().rsplit(')', 1)[1].split()[19])   # field 22: starttime
+    with open('/proc/uptime') as f:
+      uptime = float(f.read().split()[0])
+    return time.time() - (uptime - ticks / os.sysconf('SC_CLK_TCK'))
+  except (OSError, ValueError, IndexError):
+    return _IMPORTED
+
+
+_IMPORTED = time.time()

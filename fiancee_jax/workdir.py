@@ -5,6 +5,8 @@
   <workdir>/predictor/                   predictor datasets (dataset_<split>.npz)
   <workdir>/infer/                       images of single-input inference
   <workdir>/report/                      the sweep's report (report.md, summary.json, figures)
+  <workdir>/xla_cache/                   persistent XLA compilation cache of every entry point
+                                         (cli.compilation_cache)
   <workdir>/../data/                     prepared datasets, shared by the runs of one machine
                                          (config.data.data_dir overrides it)
 """
@@ -40,6 +42,10 @@ def infer_dir(workdir: str) -> str:
 
 def report_dir(workdir: str) -> str:
   return os.path.join(root(workdir), 'report')
+
+
+def xla_cache_dir(workdir: str) -> str:
+  return os.path.join(root(workdir), 'xla_cache')
 
 
 def data_dir(config, workdir: str) -> str:

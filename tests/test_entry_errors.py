@@ -94,6 +94,19 @@ CASES = [
                      ('0', r'expected a finite LPIPS value in \(0, 1\]'),
                      ('abc', r'not a number; expected an LPIPS value in \(0, 1\]'),
                      ('1e9', r'expected a finite LPIPS value in \(0, 1\]')]],
+    # infer.py: the routing rule (checked before any stage is loaded)
+    *[Case(f'infer-rule-{name}', 'infer', ' '.join(extra),
+           (*INFER, '--label', '{in}/ok.png', *extra), expect)
+      for name, extra, expect in [
+          ('and-offset', ('--rule=paper', '--offset=0.1'),
+           r"--offset=0\.1 and --rule='paper': give one; --offset sets the offset by hand, "
+           r'--rule computes it from the calibration rows$'),
+          ('alpha', ('--alpha=1.5',), r'--alpha=1\.5: expected the allowed share of '
+           r'violations, strictly in \(0, 1\) \(e\.g\. 0\.1\)$'),
+          ('delta', ('--rule=ltt', '--delta=0'), r'--delta=0\.0: expected the probability '
+           r'that the --rule=ltt bound fails, strictly in \(0, 1\) \(e\.g\. 0\.1\)$'),
+          ('unknown', ('--rule=bonferroni',), r'flag --rule=bonferroni: value should be one '
+           r'of <calibrated\|ltt\|paper> \(--helpfull lists the flags\)$')]],
     # the workdir
     _on('train', 'a workdir of another config', 'wd', ['--config.model.spade_hidden=16'],
         OTHER_CONFIG),

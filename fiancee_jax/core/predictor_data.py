@@ -171,6 +171,27 @@ def read_cache(path: str, fp: str, keys: Sequence[str]) -> dict[str, np.ndarray]
   return None
 
 
+def cached(backbone: Backbone, workdir: str, split: str) -> dict[str, Any]:
+  """Rows of a predictor split as `train.py --stage=predictor` cached them, never computed:
+  a missing cache, or one made from other checkpoints, config or rows (its fingerprint), ends
+  in one PredictorDataError naming the command that (re)makes it. Inference reads the
+  calibration rows this way (the offset must come from the rows the predictor was judged on)."""
+  if split not in SPLITS:
+    raise PredictorDataError(f'predictor split {split!r}: expected one of {SPLITS}')
+  rows = backbone.predictor_rows().rows(workdir, split)
+  path = cache_path(workdir, split)
+  cmd = wd.stage_cmd(backbone.config, workdir, 'python train.py --stage=predictor')
+  if not os.path.exists(path):
+    raise PredictorDataError(f'no {split} rows at {path}: the calibrated routing rules need '
+                             f'them; run `{cmd}` (or route with --rule=paper)')
+  fp = fingerprint(backbone.config, workdir, split, *rows.index.values())
+  hit = read_cache(path, fp, ('feats', 'targets', *rows.index))
+  if hit is None:
+    raise PredictorDataError(f'{split} rows at {path} were made from other checkpoints, bank, '
+                             f'config or rows than this workdir has now; rerun `{cmd}`')
+  return hit | {'data_split': rows.data_split}
+
+
 def dataset(backbone: Backbone, workdir: str, split: str, pipeline: pl.Pipeline | None = None,
             lp_params: PyTree = None, batch_size: int | None = None,
             targets: Targets | None = None) -> dict[str, Any]:

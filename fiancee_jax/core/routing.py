@@ -10,7 +10,8 @@ Rule (Sec. 3.2): the cheapest exit whose predicted LPIPS <= threshold; the backb
 fallback. Beyond the paper, `conformal_offset` turns the rule into one with a distribution-free
 bound on the share of outputs whose true LPIPS exceeds the threshold.
 
-Two execution paths (DESIGN.md "Routing"):
+Two execution paths (measured: under vmap a batched `lax.switch` index becomes `select` and runs
+every branch):
   * one input, all inside jit: `routed_apply` = prefix -> predictor -> `choose_exit` ->
     `switch_apply` (`lax.switch` with a scalar index runs only the chosen branch);
   * a batch: `run_bucketed` groups inputs by exit on the host and runs each exit's jitted
@@ -220,27 +221,31 @@ def calibration_split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarra
 
 def sweep_rows(pred: Array, true: Array, costs: Array, thresholds: Sequence[float],
                alpha: float | None = None, pred_cal: Array | None = None,
-               true_cal: Array | None = None) -> list[dict[str, Any]]:
+               true_cal: Array | None = None,
+               offset_fn: Callable[[float], float] | None = None) -> list[dict[str, Any]]:
   """One dict per threshold for a test set: exit histogram, mean GMACs, mean true LPIPS,
-  violation rate and saved GMACs per LPIPS (Sec. 3.4), uncalibrated and (when `alpha` and a
-  calibration split are given) calibrated (`calibrated_*` keys + `offset`).
+  violation rate and saved GMACs per LPIPS (Sec. 3.4), uncalibrated and calibrated
+  (`calibrated_*` keys + `offset`): by `offset_fn(threshold)` when given (any rule, e.g.
+  `core.calibration.offset`), else, when `alpha` and a calibration split are given, by
+  `conformal_offset`.
   """
   pred, true, costs = _checked_arrays(pred, true, costs)
-  calibrated = alpha is not None
-  if calibrated:
+  if offset_fn is None and alpha is not None:
     if pred_cal is None or true_cal is None:
       raise ValueError('alpha given without pred_cal/true_cal: expected a calibration split')
     _check_alpha(alpha)
+    offset_fn = lambda t: conformal_offset(pred_cal, true_cal, t, alpha, costs)  # noqa: E731
   num_routes = costs.shape[0]
   rows = []
   for t in thresholds:
     _check_threshold(t)
     row: dict[str, Any] = {'threshold': float(t)}
     variants = [('', 0.0)]
-    if calibrated:
-      lam = conformal_offset(pred_cal, true_cal, t, alpha, costs)
+    if offset_fn is not None:
+      lam = float(offset_fn(t))
       row['offset'] = lam
-      row['alpha'] = float(alpha)
+      if alpha is not None:
+        row['alpha'] = float(alpha)
       variants.append(('calibrated_', lam))
     for prefix, lam in variants:
       exits = np.asarray(choose_exit(pred, t, costs, offset=lam))

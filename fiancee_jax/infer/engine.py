@@ -30,6 +30,7 @@ from fiancee_jax.core import pipeline as pl
 from fiancee_jax.core import routing, stages
 from fiancee_jax.core.interface import Backbone
 from fiancee_jax.infer import inputs as inputs_lib
+from fiancee_jax.infer import rules
 from fiancee_jax.infer.inputs import TARGET_LPIPS
 
 PyTree = Any
@@ -174,8 +175,9 @@ def route_one(engine: Engine, inputs: Sequence[Any], threshold: float, *, offset
               verify: bool = False, repeats: int = 5) -> tuple[np.ndarray, dict[str, Any]]:
   """Route one input (`inputs` = route inputs with batch 1); returns (image (H, W, 3) in
   [-1, 1], info: exit (block index or 'backbone'), route index, predicted LPIPS of every exit
-  and of the chosen one, GMACs (and share of the backbone), latency (median of `repeats`
-  after warm-up), and with `verify` the true LPIPS of the chosen route against the backbone
+  and of the chosen one, GMACs (and share of the backbone), first_call_s (the first routed
+  call: compile, or load from the compilation cache, + one run), latency (median of `repeats`
+  after it), and with `verify` the true LPIPS of the chosen route against the backbone
   image)."""
   t = inputs_lib.check_threshold(threshold)
   params, costs = engine.params, engine.costs
@@ -184,8 +186,10 @@ def route_one(engine: Engine, inputs: Sequence[Any], threshold: float, *, offset
 
   def run():
     return engine.routed_one(params, inputs, jnp.float32(t), c32, jnp.float32(offset))
-  latency = time_fn(run, repeats)
-  image, aux = run()
+  t0 = time.perf_counter()
+  image, aux = block(run())
+  first_call = time.perf_counter() - t0
+  latency = time_fn(run, repeats, warmup=0)
   route = int(aux['exit'])
   pred = np.asarray(aux['pred_lpips'], np.float64)
   exits = list(engine.exits)
@@ -195,7 +199,7 @@ def route_one(engine: Engine, inputs: Sequence[Any], threshold: float, *, offset
       'pred_lpips': {f'exit{k}': float(v) for k, v in zip(exits, pred)},
       'pred_lpips_chosen': float(pred[route]) if route < len(exits) else 0.0,
       'gmacs': float(costs[route]), 'gmacs_share': float(costs[route] / costs[-1]),
-      'latency_ms': 1e3 * latency, 'device': device_name()}
+      'first_call_s': first_call, 'latency_ms': 1e3 * latency, 'device': device_name()}
   if verify:
     from fiancee_jax.metrics import lpips as lpips_lib  # noqa: PLC0415 (VGG weights: verify only)
     imgs, _ = engine.all(params, *inputs)
@@ -212,18 +216,38 @@ def write_image(out: str, image: np.ndarray) -> None:
 
 
 def infer_file(backbone: Backbone, workdir: str, *, threshold: Any = TARGET_LPIPS,
-               offset: float = 0.0, verify: bool = False, out: str | None = None,
-               repeats: int = 5, engine: Engine | None = None, **flags: Any) -> dict[str, Any]:
+               rule: rules.Rule | None = None, verify: bool = False, out: str | None = None,
+               repeats: int = 5, engine: Engine | None = None, started: float | None = None,
+               **flags: Any) -> dict[str, Any]:
   """`infer.py` for one input -> writes the image (default `<workdir>/infer/<name>_t<t>.png`)
-  and returns the info dict (with `image` = the written path). `flags`: infer.py's input
+  and returns the info dict (with `image` = the written path). `rule`: the routing rule
+  (`infer.rules.check`; default the calibrated rule at config.routing.alpha); its name,
+  offset (and alpha, delta, calibration rows) go in the info. `flags`: infer.py's input
   flags (label, index, split, noise_seed / source, driver, source_index, driver_index,
-  identity), read by the adapter's `infer_inputs().from_flags` before any stage is loaded."""
+  identity), read by the adapter's `infer_inputs().from_flags` before any stage is loaded.
+  `started`: the process's start (`time.time()` clock; infer.py passes it) for
+  'time_to_first_image_s'; the info's 'startup' splits that time into its parts (seconds)."""
+  t_call = time.time()
   t = inputs_lib.check_threshold(threshold)
+  rule = rule or rules.check(default_alpha=float(backbone.config.routing.alpha))
   req = backbone.infer_inputs().from_flags(workdir, flags)
+  t0 = time.perf_counter()
   if engine is None:
     engine = Engine(load(backbone, workdir, **req.bank_select))
-  image, info = route_one(engine, req.inputs, t, offset=offset, verify=verify, repeats=repeats)
+  load_s = time.perf_counter() - t0
+  rule = rules.calibrate(rule, backbone, workdir, engine.pipeline)
+  rule_info = rule.info(t, engine.costs)
+  t_route = time.time()
+  image, info = route_one(engine, req.inputs, t, offset=rule_info['offset'], verify=verify,
+                          repeats=repeats)
+  first_image = t_route + info['first_call_s']
+  startup = {'imports_and_init_s': None if started is None else t_call - started,
+             'load_s': load_s, 'calibration_s': rule.load_s,
+             'first_call_s': info.pop('first_call_s')}
+  if started is not None:
+    info['time_to_first_image_s'] = first_image - started
+  info['startup'] = startup
   out = out or os.path.join(wd.infer_dir(workdir), f'{req.name}_t{t:g}.png')
   write_image(out, image)
-  info.update(image=out, **req.info)
+  info.update(rule_info, image=out, **req.info)
   return info

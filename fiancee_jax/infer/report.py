@@ -111,7 +111,8 @@ def fig3(path: str, res: dict[str, Any]) -> None:
   plt = _plt()
   rows, names = res['rows'], _route_names(res['exits'])
   ts = [r['threshold'] for r in rows]
-  variants = [('', 'paper rule')] + ([('calibrated_', f'conformal, alpha={res["alpha"]}')]
+  label = res.get('rule_label', f'conformal, alpha={res["alpha"]}')
+  variants = [('', 'paper rule')] + ([('calibrated_', label)]
                                      if 'calibrated_exit_counts' in rows[0] else [])
   fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4), squeeze=False)
   x = np.arange(len(ts))
@@ -192,8 +193,10 @@ def fig_violation(path: str, res: dict[str, Any]) -> None:
   fig, ax = plt.subplots(figsize=(5, 4))
   ax.plot(ts, [r['violation_rate'] for r in rows], 'o-', label='paper rule')
   if 'calibrated_violation_rate' in rows[0]:
-    ax.plot(ts, [r['calibrated_violation_rate'] for r in rows], 's-', label='conformal offset')
-    ax.axhline(res['alpha'], color='gray', ls='--', label=f'alpha = {res["alpha"]}')
+    ax.plot(ts, [r['calibrated_violation_rate'] for r in rows], 's-',
+            label=res.get('rule_label', 'conformal offset'))
+    if res.get('alpha') is not None:
+      ax.axhline(res['alpha'], color='gray', ls='--', label=f'alpha = {res["alpha"]}')
   ax.set_xlabel('LPIPS threshold')
   ax.set_ylabel('share of test outputs above the threshold')
   ax.set_ylim(0, 1)
@@ -342,7 +345,7 @@ def markdown(res: dict[str, Any]) -> str:
       f'# FIANCEE sweep report: {s.get("config", "")}', '',
       f'Device: {s["device"]}. Test inputs: {s["num_test"]} ({text["inputs"]}).', '',
       '## Headline', '',
-      f'At threshold **{s["threshold"]:g}** ({s["rule"]}; the largest swept threshold whose '
+      f'At threshold **{s["threshold"]:g}** ({s.get("rule_description", s["rule"])}; the largest swept threshold whose '
       f'realised mean LPIPS <= {s["target_mean_lpips"]}'
       + ('' if s['meets_target'] else ' — **none met it; smallest threshold shown**') + '):', '',
       f'- mean LPIPS vs backbone: **{s["mean_lpips"]:.4f}**',

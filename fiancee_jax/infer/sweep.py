@@ -24,11 +24,20 @@ from fiancee_jax import workdir as wd
 from fiancee_jax.core import predictor_data, routing, stages
 from fiancee_jax.core.interface import Backbone
 from fiancee_jax.infer import inputs as inputs_lib
-from fiancee_jax.infer import report
+from fiancee_jax.infer import report, rules
 from fiancee_jax.infer.engine import Engine, device_name, load, time_fn
 from fiancee_jax.infer.inputs import TARGET_LPIPS, InferError
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.train import predictor as tp
+
+
+def _label(rule: rules.Rule) -> str:
+  """The rule's legend entry in the figures."""
+  if rule.name == 'calibrated':
+    return f'conformal, alpha={rule.alpha:g}'
+  if rule.name == 'ltt':
+    return f'LTT, alpha={rule.alpha:g}, delta={rule.delta:g}'
+  return rule.describe()
 
 
 def measure_latency(engine: Engine, inputs: Sequence[np.ndarray], batch_size: int,
@@ -143,10 +152,14 @@ def unguided_lpips(backbone: Backbone, workdir: str, inputs: Sequence[np.ndarray
 
 def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | None = None,
           out_dir: str | None = None, repeats: int = 3, batch_size: int | None = None,
-          num_samples: int = 4, engine: Engine | None = None) -> dict[str, Any]:
+          num_samples: int = 4, engine: Engine | None = None,
+          rule: rules.Rule | None = None) -> dict[str, Any]:
   """Run the sweep on the predictor's test split and write the report; returns the summary
   (also `<out_dir>/summary.json`, default `<workdir>/report`). `engine`: the compiled
-  pipeline of `workdir` (built here when not given)."""
+  pipeline of `workdir` (built here when not given). `rule` (`infer.rules.check`; default
+  the calibrated rule at config.routing.alpha): the rule of the `calibrated_*` columns and
+  of the headline, next to the paper rule; its offsets come from the cached calibration
+  rows (a missing cache: one error naming `train.py --stage=predictor`)."""
   config = backbone.config
   thresholds = tuple(config.routing.thresholds if thresholds is None else thresholds)
   if not thresholds:
@@ -156,18 +169,19 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
   pipeline = engine.pipeline
   backbone_inputs = backbone.infer_inputs()
   out_dir = out_dir or wd.report_dir(workdir)
-  alpha = float(config.routing.alpha)
+  rule = rules.calibrate(rule or rules.check(default_alpha=float(config.routing.alpha)),
+                         backbone, workdir, pipeline)
+  alpha = rule.alpha
   costs = engine.costs
   exits = list(engine.exits)
 
   print('[sweep] predictor datasets (cached by train.py --stage=predictor)', flush=True)
   test = predictor_data.dataset(backbone, workdir, 'test', pipeline)
-  cal = predictor_data.dataset(backbone, workdir, 'calibration', pipeline)
   p_params = pipeline.params['predictor']['params']
   pred = tp.predict(pipeline.predictor, p_params, test['feats'])
-  pred_cal = tp.predict(pipeline.predictor, p_params, cal['feats'])
-  true, true_cal = test['targets'], cal['targets']
-  rows = routing.sweep_rows(pred, true, costs, thresholds, alpha, pred_cal, true_cal)
+  true = test['targets']
+  rows = routing.sweep_rows(pred, true, costs, thresholds, alpha,
+                            offset_fn=lambda t: rule.offset(t, costs))
   head, met = headline_row(rows, 'calibrated_')
   head_paper, met_paper = headline_row(rows, '')
 
@@ -201,7 +215,8 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
   ob = latency['overhead_batch1']
   summary = {
       'threshold': head['threshold'],
-      'rule': f'conformal offset (alpha={alpha}) calibrated on {len(true_cal)} held-out inputs',
+      'rule': rule.name, 'rule_description': rule.describe(), 'alpha': alpha,
+      'delta': rule.delta, 'calibration_rows': rule.num_rows,
       'meets_target': met, 'target_mean_lpips': TARGET_LPIPS,
       'mean_lpips': head['calibrated_mean_true_lpips'],
       'violation_rate': head['calibrated_violation_rate'],
@@ -225,7 +240,8 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
   result = {
       'kind': backbone_inputs.report_kind,
       'summary': summary, 'rows': rows, 'exits': exits, 'costs': costs.tolist(),
-      'alpha': alpha, 'true': true, 'pred': pred, 'true_nobank': true_nobank, 'fig9': fig9,
+      'alpha': alpha, 'rule': rule.name, 'rule_label': _label(rule),
+      'true': true, 'pred': pred, 'true_nobank': true_nobank, 'fig9': fig9,
       'latency': latency, 'predictor_eval': pred_eval, 'samples': samples,
       **backbone_inputs.sweep_extras(pipeline, test, inputs, extra, taken, t_head),
   }

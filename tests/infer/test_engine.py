@@ -2,6 +2,7 @@
 one input -> JSON + PNG, batched routing == per input. Head avatars: tests/infer/test_sweep_heads.py
 (its workdir is built once for the engine and the sweep)."""
 import json
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 from fiancee_jax import registry
 from fiancee_jax.core import predictor_data, routing
 from fiancee_jax.infer import engine as engine_lib
+from fiancee_jax.infer import rules
 from fiancee_jax.train import predictor as tp
 from tests.conftest import tiny_config
 from tests.core.test_predictor_data import pipeline, tiny_workdir
@@ -22,16 +24,31 @@ def test_single_input(tmp_path):
   bb = registry.get(c)
   wd = tiny_workdir()
   out = str(tmp_path / 'one.png')
+  started = time.time()
   info = engine_lib.infer_file(bb, wd, index=1, noise_seed=3, threshold=0.3, verify=True,
-                               out=out, repeats=1)
+                               out=out, repeats=1, started=started)
   img = np.asarray(Image.open(out))
   assert img.shape == (c.data.height, c.data.width, 3)
-  for key in ('exit', 'route', 'pred_lpips', 'true_lpips', 'gmacs', 'latency_ms', 'device'):
+  for key in ('exit', 'route', 'pred_lpips', 'true_lpips', 'gmacs', 'latency_ms', 'device',
+              'rule', 'offset', 'alpha', 'calibration_rows', 'time_to_first_image_s'):
     assert key in info
   json.dumps(info)
+  st = info['startup']
+  assert 0 < sum(v for v in st.values()) <= info['time_to_first_image_s'] <= \
+      time.time() - started
   pl = engine_lib.load(bb, wd)
+  # The default rule: the conformal offset for config.routing.alpha from the cached rows.
+  cal = predictor_data.cached(bb, wd, 'calibration')
+  pred_cal = tp.predict(pl.predictor, pl.params['predictor']['params'], cal['feats'])
+  want = routing.conformal_offset(pred_cal, cal['targets'], 0.3, c.routing.alpha, pl.costs)
+  assert info['rule'] == 'calibrated' and info['alpha'] == c.routing.alpha
+  assert info['offset'] == pytest.approx(want, abs=1e-5) or info['offset'] == want
   pred = np.array(list(info['pred_lpips'].values()))
-  assert info['route'] == int(routing.choose_exit(pred, 0.3, pl.costs))
+  assert info['route'] == int(routing.choose_exit(pred, 0.3, pl.costs, info['offset']))
+  paper = engine_lib.infer_file(bb, wd, index=1, noise_seed=3, threshold=0.3, out=out,
+                                repeats=1, rule=rules.check('paper'))
+  assert (paper['rule'], paper['offset']) == ('paper', 0.0)
+  assert paper['route'] == int(routing.choose_exit(pred, 0.3, pl.costs))
   assert info['gmacs'] == pytest.approx(float(pl.costs[info['route']]))
   if info['exit'] == 'backbone':
     assert info['true_lpips'] == 0.0
