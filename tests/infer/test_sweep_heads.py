@@ -126,7 +126,8 @@ def test_single_pair_json_and_png(trained, tmp_path):
   assert img.shape == (c.data.height, c.data.width, 3)
   pred = np.array(list(info['pred_lpips'].values()))
   assert len(pred) == len(eng.exits)
-  assert info['route'] == int(routing.choose_exit(pred, 0.3, eng.costs))
+  assert info['rule'] == 'calibrated' and info['alpha'] == c.routing.alpha   # the default
+  assert info['route'] == int(routing.choose_exit(pred, 0.3, eng.costs, info['offset']))
   assert info['gmacs'] == pytest.approx(float(eng.costs[info['route']]))
   chosen = info['true_lpips_all'].get(f'exit{info["exit"]}', 0.0)   # backbone: 0
   assert info['true_lpips'] == pytest.approx(chosen, rel=1e-4)
