@@ -1,7 +1,7 @@
 """The compiled inference pipeline (`Engine`) and routing of one input or a batch (Sec. 3.2).
 
 One input: backbone prefix -> predictor -> the cheapest exit whose predicted LPIPS (+ the
-conformal offset, when asked) is <= the threshold -> that route, continuing from the prefix,
+routing rule's offset: `infer.rules`, by default the conformal one) is <= the threshold -> that route, continuing from the prefix,
 all in one jitted call (`Engine.routed_one`: `routing.routed_apply`, whose `lax.switch` runs
 only the chosen route; the guide is retrieved inside the exit routes, not for the backbone's).
 A batch: the predictor once, exits chosen on the host, each route on its rows

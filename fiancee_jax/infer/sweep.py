@@ -2,7 +2,8 @@
 avatars Figs. 5, 6, 7, 10) over the predictor's test split and a range of thresholds.
 
 Per threshold: exit distribution, mean GMACs, realised LPIPS and violation rate (paper rule
-and conformal offset calibrated on the calibration split), the GFLOPs/LPIPS gain (Sec. 3.4);
+and the `infer.rules` rule, by default the conformal offset, calibrated on the cached
+calibration split), the GFLOPs/LPIPS gain (Sec. 3.4);
 at the headline threshold: wall-clock latency of every route and of routed batched inference
 vs the backbone, measured in the same run (`measure_latency`), a sample grid, and what only
 one backbone's report has (the adapter's `infer_inputs().sweep_extras`: head avatars'
