@@ -75,7 +75,7 @@ def main(argv):
     cli.compilation_cache(FLAGS.workdir)  # before the first compile
     parallel.initialize()  # several processes: before any other JAX call
     from fiancee_jax import registry
-    from fiancee_jax.infer import engine, inputs, rules, sweep
+    from fiancee_jax.infer import engine, inputs, report, rules, sweep
     rule = rules.check(FLAGS.rule if FLAGS['rule'].present else None, FLAGS.alpha,
                        FLAGS.delta, FLAGS.offset, float(FLAGS.config.routing.alpha))
     bb = registry.get(FLAGS.config)
@@ -83,7 +83,7 @@ def main(argv):
       ts = None if FLAGS.thresholds is None else [inputs.check_threshold(t, 'thresholds')
                                                    for t in FLAGS.thresholds]
       summary = sweep.sweep(bb, FLAGS.workdir, thresholds=ts, repeats=FLAGS.repeats, rule=rule)
-      print(json.dumps(summary, default=str))
+      print(json.dumps(report.jsonable(summary), default=str))
       return
     t = inputs.check_threshold(FLAGS.threshold)
     info = engine.infer_file(bb, FLAGS.workdir, threshold=t, rule=rule, started=STARTED,
@@ -92,7 +92,7 @@ def main(argv):
                              noise_seed=FLAGS.noise_seed, source=FLAGS.source,
                              driver=FLAGS.driver, source_index=FLAGS.source_index,
                              driver_index=FLAGS.driver_index, identity=FLAGS.identity)
-    print(json.dumps(info))
+    print(json.dumps(report.jsonable(info)))
   except (FianceeError, FileNotFoundError) as e:  # bad input, missing weight files: one line
     sys.exit(f'infer.py: {e}')
 

@@ -423,13 +423,15 @@ def markdown(res: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+  """x with numpy scalars and arrays as Python values and non-finite floats as strings
+  ('inf'): strict JSON."""
   if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
+    return {k: jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+    return jsonable(x.tolist())
   if isinstance(x, (np.floating, float)):
     v = float(x)
     return v if math.isfinite(v) else str(v)
@@ -453,10 +455,10 @@ def write(out_dir: str, res: dict[str, Any]) -> dict[str, str]:
     makers[role](p(name), res)
   report = p('report.md')
   summary = dict(res['summary'], report=report)
-  atomic_write(p('sweep.json'), json.dumps(_jsonable(
+  atomic_write(p('sweep.json'), json.dumps(jsonable(
       {'rows': res['rows'], 'latency': res['latency'], 'costs': res['costs'],
        'exits': res['exits'], 'rotation': res.get('rotation')}), indent=1))
   atomic_write(report, markdown(res))
-  atomic_write(p('summary.json'), json.dumps(_jsonable(summary), indent=1))
+  atomic_write(p('summary.json'), json.dumps(jsonable(summary), indent=1))
   return {'report': report, 'summary': p('summary.json'),
           **{name: p(name) for name in names.values()}}
