@@ -76,6 +76,34 @@ def heads_workdir(tmp_path_factory):
   return _saved_backbone(tmp_path_factory, 'heads', heads_config)
 
 
+def heads_predictor_workdir(tmp_path_factory, wd: str):
+  """(config, adapter, wd): the shared random head backbone copied into `wd`, its frame banks,
+  and freshly initialised branches (exits 4, 6) saved as the branches stage saves them: what
+  the predictor stage needs (trained-or-not exits); few predictor rows, as LPIPS (VGG16, 3
+  images a row) dominates the time on CPU."""
+  import copy
+  import shutil
+  from fiancee_jax import registry
+  from fiancee_jax import workdir as wdir
+  from fiancee_jax.core import stages
+  from fiancee_jax.train import branches as tb
+  from fiancee_jax.train import checkpoint
+  c0, wd0, _ = heads_workdir(tmp_path_factory)
+  c = copy.deepcopy(c0)
+  c.branches.exits = (4, 6)
+  c.predictor.num_train, c.predictor.num_test, c.predictor.num_noises = 4, 2, 2
+  c.predictor.batch_size = 4
+  bb = registry.get(c)
+  shutil.copytree(wdir.checkpoint_dir(wd0, 'backbone'), wdir.checkpoint_dir(wd, 'backbone'))
+  stages.build_bank(bb, wd, progress=False)
+  models = tb.build_models(bb, axis_name=None)
+  host = tb.create_train_state(bb, models, tb.load_backbone_discriminator(bb, wd))
+  ck = checkpoint.Checkpointer(wd, 'branches', c)
+  ck.save(0, tb.saved(host))  # the branches stage's payload
+  ck.close()
+  return c, bb, wd
+
+
 def pytest_configure(config):
   """One XLA compilation cache for the whole run: the tiny train steps compiled by several test
   modules (backbone, branches, pipeline fixtures) are compiled once. A fresh directory per run,

@@ -2,7 +2,6 @@
 batched routing == per input == the one-pass images == one routed call, one (source, driver)
 pair -> JSON + PNG, a missing stage names its command, the sweep report (Figs. 5, 6, 7, 10)
 with the OASIS summary keys."""
-import copy
 import json
 import math
 import os
@@ -13,17 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiancee_jax import workdir as wdir
 from fiancee_jax import registry
 from fiancee_jax.backbones.megaportraits import frame_banks
-from fiancee_jax.core import predictor_data, routing, stages
+from fiancee_jax.core import predictor_data, routing
 from fiancee_jax.core.pipeline import PipelineError
 from fiancee_jax.infer import engine as engine_lib
 from fiancee_jax.infer import inputs, report, sweep
-from fiancee_jax.train import branches as tb
-from fiancee_jax.train import checkpoint
 from fiancee_jax.train import predictor as tp
-from tests.conftest import heads_config, heads_workdir
+from tests.conftest import heads_config, heads_predictor_workdir
 
 SUMMARY_KEYS = ('threshold', 'mean_lpips', 'violation_rate', 'gmacs_share', 'latency_speedup',
                 'device')
@@ -34,21 +30,8 @@ def trained(tmp_path_factory):
   """(backbone adapter, workdir, engine): the shared tiny head backbone, its frame banks,
   freshly initialised branches saved as the branches stage saves them, and the predictor
   trained by its own stage function (few rows: LPIPS dominates the time on CPU)."""
-  c0, wd0, _ = heads_workdir(tmp_path_factory)
-  c = copy.deepcopy(c0)
-  c.branches.exits = (4, 6)
-  c.predictor.num_train, c.predictor.num_test, c.predictor.num_noises = 4, 2, 2
-  c.predictor.batch_size = 4
-  bb = registry.get(c)
-  wd = str(tmp_path_factory.mktemp('infer_heads') / 'wd')
-  shutil.copytree(wdir.checkpoint_dir(wd0, 'backbone'),
-                  wdir.checkpoint_dir(wd, 'backbone'))
-  stages.build_bank(bb, wd, progress=False)
-  models = tb.build_models(bb, axis_name=None)
-  host = tb.create_train_state(bb, models, tb.load_backbone_discriminator(bb, wd))
-  ck = checkpoint.Checkpointer(wd, 'branches', c)
-  ck.save(0, tb.saved(host))  # the branches stage's payload
-  ck.close()
+  _, bb, wd = heads_predictor_workdir(
+      tmp_path_factory, str(tmp_path_factory.mktemp('infer_heads') / 'wd'))
   tp.train_and_evaluate(bb, wd)
   return bb, wd, engine_lib.Engine(engine_lib.load(bb, wd))
 

@@ -2,46 +2,24 @@
 tiny config: rows = (source, driver of another identity), inputs = the driver's motion key,
 targets = LPIPS of every exit vs the backbone (checked against a direct computation), the
 predictor trains, is evaluated per exit, checkpointed and loaded by the pipeline."""
-import copy
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 
-from fiancee_jax import workdir as wdir
 from fiancee_jax import data as fdata
-from fiancee_jax import registry
 from fiancee_jax.core import pipeline as pl
 from fiancee_jax.core import predictor_data, stages
 from fiancee_jax.metrics import lpips
-from fiancee_jax.train import branches as tb
-from fiancee_jax.train import checkpoint
 from fiancee_jax.train import predictor as tp
-from tests.conftest import heads_workdir
+from tests.conftest import heads_predictor_workdir
 
 
 def _workdir(tmp_path, tmp_path_factory):
   """The shared random backbone + its frame banks + freshly initialised branches saved as the
   branches stage saves them (the predictor only needs some trained-or-not exits)."""
-  c0, wd0, _ = heads_workdir(tmp_path_factory)
-  c = copy.deepcopy(c0)
-  c.branches.exits = (4, 6)
-  # few rows: LPIPS (VGG16, 3 images a row) dominates the time on CPU
-  c.predictor.num_train, c.predictor.num_test, c.predictor.num_noises = 4, 2, 2
-  c.predictor.batch_size = 4
-  wd = str(tmp_path / 'wd')
-  shutil.copytree(wdir.checkpoint_dir(wd0, 'backbone'),
-                  wdir.checkpoint_dir(wd, 'backbone'))
-  bb = registry.get(c)
-  stages.build_bank(bb, wd, progress=False)
-  models = tb.build_models(bb, axis_name=None)
-  host = tb.create_train_state(bb, models, tb.load_backbone_discriminator(bb, wd))
-  ck = checkpoint.Checkpointer(wd, 'branches', c)
-  ck.save(0, tb.saved(host))  # the branches stage's payload
-  ck.close()
-  return c, bb, wd
+  return heads_predictor_workdir(tmp_path_factory, str(tmp_path / 'wd'))
 
 
 def test_predictor_stage_end_to_end(tmp_path, tmp_path_factory):
