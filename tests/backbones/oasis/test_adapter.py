@@ -1,5 +1,7 @@
 """The OASIS adapter through the core pipeline: bank feature layout, exit routes composed by
 hand, GMACs vs Table 1."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,13 +20,14 @@ from tests.conftest import tiny_config
 def _random_pipeline(use_bank=True, seed=0):
   c = tiny_config()
   c.branches.use_bank = use_bank
+  c.branches.exits = (1, 2)   # one exit inside the prefix, one continuing after it
   bb = registry.get(c)
   gen, br = bb.generator(), bb.branches(use_bank=use_bank)
   d = c.data
   seg = jax.nn.one_hot(jnp.zeros((1, d.height, d.width), jnp.int32), d.num_classes)
   z = jnp.zeros((1, c.model.z_dim))
-  g_vars = gen.init({'params': jax.random.PRNGKey(seed)}, seg, z)
-  b_vars = pl.init_branches(bb, br, jax.random.PRNGKey(seed + 1))
+  g_vars = jax.jit(gen.init)({'params': jax.random.PRNGKey(seed)}, seg, z)
+  b_vars = jax.jit(functools.partial(pl.init_branches, bb, br))(jax.random.PRNGKey(seed + 1))
   bank = None
   if use_bank:
     rng = np.random.default_rng(seed)
@@ -34,7 +37,7 @@ def _random_pipeline(use_bank=True, seed=0):
                               rng.normal(size=(n, *s['value_shape'])).astype(np.float32),
                               rng.integers(0, d.num_classes, n), d.num_classes)
   params = {'generator': g_vars, 'branches': b_vars, 'predictor': None, 'bank': bank}
-  p = pl.Pipeline(bb, gen, br, None, params, np.zeros(5), bb.exits)
+  p = pl.Pipeline(bb, gen, br, None, params, np.zeros(len(bb.exits) + 1), bb.exits)
   return p, params
 
 
@@ -52,7 +55,8 @@ def test_bank_features_layout():
   p, params = _random_pipeline(use_bank=False)
   c = p.config
   labels, seg, z = _inputs(c)
-  keys, values, classes = bank_inputs.bank_features(p.generator, params['generator'], seg, z)
+  keys, values, classes = jax.jit(functools.partial(bank_inputs.bank_features, p.generator))(
+      params['generator'], seg, z)
   h, w = c.data.height // 32, c.data.width // 32
   widths = oasis.widths(c.model.ch)
   assert keys.shape == (2, h, w, widths[1])
@@ -65,7 +69,7 @@ def test_bank_features_layout():
         counts = np.bincount(cell.ravel(), minlength=c.data.num_classes)
         assert classes[bi, i, j] == np.argmax(counts)
   # keys are the block-1 map, values the block-3 map of the full generator
-  _, feats = p.generator.apply(params['generator'], seg, z)
+  _, feats = jax.jit(p.generator.apply)(params['generator'], seg, z)
   np.testing.assert_allclose(keys, feats['block1'], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(values, feats['block3'], rtol=1e-5, atol=1e-6)
 
@@ -74,7 +78,7 @@ def test_bank_features_layout():
 def test_exit_image_is_prefix_guide_branch(use_bank):
   p, params = _random_pipeline(use_bank=use_bank)
   _, seg, z = _inputs(p.config)
-  backbone, feats = p.generator.apply(params['generator'], seg, z)
+  backbone, feats = jax.jit(p.generator.apply)(params['generator'], seg, z)
   guide = None
   if use_bank:
     q = feats['block1']
@@ -86,11 +90,14 @@ def test_exit_image_is_prefix_guide_branch(use_bank):
       params, seg, z)
   all_imgs = dict(zip(names, stacked))
   np.testing.assert_allclose(all_imgs['backbone'], backbone, atol=1e-5)
+  cond = jax.jit(functools.partial(p.generator.apply, method='make_cond'))(
+      params['generator'], seg, z)
+  branch = jax.jit(lambda v, k, x, g: p.branches.apply(v, k, x, cond, g, False, method='exit'),
+                   static_argnums=1)
+  route = jax.jit(lambda pr, k, s, zz: pl.exit_image(p, pr, k, s, zz), static_argnums=1)
   for k in p.exits:
-    by_hand = p.branches.apply(params['branches'], k, feats[f'block{k}'], feats.get('cond',
-                               p.generator.apply(params['generator'], seg, z, method='make_cond')),
-                               guide, False, method='exit')
-    got = pl.exit_image(p, params, k, seg, z)
+    by_hand = branch(params['branches'], k, feats[f'block{k}'], guide)
+    got = route(params, k, seg, z)
     np.testing.assert_allclose(got, by_hand, atol=1e-5)
     np.testing.assert_allclose(all_imgs[k], by_hand, atol=1e-5)
   fns = pl.route_fns(p)
