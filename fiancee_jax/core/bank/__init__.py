@@ -26,7 +26,9 @@ picks a point twice.
 Two retrieval backends give the same neighbours (exact L2): 'device' (queries sorted by
 class, each tile scored by matmul + masked argmin against its class's key segment only;
 jittable anywhere) and 'faiss' (one `faiss.IndexFlatL2` per class
-on the host, called from jit through `jax.pure_callback`). A query whose class has no keys
+on the host, called from jit through `jax.pure_callback`; on a GPU index with faiss-gpu on a
+GPU platform). 'auto' (the default) resolves to the faster one per platform (index.py).
+`with_index(bank, IndexSpec('ivf' | 'hnsw'))` makes the search approximate (index.py). A query whose class has no keys
 in the bank (or an id outside [0, num_classes)) searches all keys instead: inference never
 fails on a rare class.
 
@@ -40,9 +42,12 @@ from __future__ import annotations
 
 from fiancee_jax.core.bank.fps import fps
 from fiancee_jax.core.bank.layout import BankError, glue, grid_classes, to_patches
-from fiancee_jax.core.bank.retrieve import Bank, BankHost, make_bank, nearest, retrieve, stack
+from fiancee_jax.core.bank.index import BACKENDS, INDEX_KINDS, IndexSpec, resolve_backend
+from fiancee_jax.core.bank.retrieve import (Bank, BankHost, make_bank, nearest, retrieve, stack,
+                                            with_index)
 from fiancee_jax.core.bank.store import EXPECT_FIELDS, FORMAT_VERSION, FixedChunks, build, load
 
-__all__ = ['EXPECT_FIELDS', 'FORMAT_VERSION', 'Bank', 'BankError', 'BankHost', 'FixedChunks',
-           'build', 'fps', 'glue', 'grid_classes', 'load', 'make_bank', 'nearest', 'retrieve',
-           'stack', 'to_patches']
+__all__ = ['BACKENDS', 'EXPECT_FIELDS', 'FORMAT_VERSION', 'INDEX_KINDS', 'Bank', 'BankError',
+           'BankHost', 'FixedChunks', 'IndexSpec', 'build', 'fps', 'glue', 'grid_classes', 'load',
+           'make_bank', 'nearest', 'resolve_backend', 'retrieve', 'stack', 'to_patches',
+           'with_index']

@@ -1,6 +1,9 @@
 """The bank pytree (device arrays + static host part) and nearest-key retrieval: 'device'
-(matmul + masked argmin per class segment, jittable anywhere) or 'faiss' (per-class
-IndexFlatL2 on the host through `jax.pure_callback`)."""
+(matmul + masked argmin per class segment, jittable anywhere), 'faiss' (per-class FAISS
+indices on the host through `jax.pure_callback`, on a GPU when faiss has GPUs and the platform
+is GPU), or 'auto' (the faster of the two on this platform: index.py says why). Exact
+('flat') by default; `with_index` gives a bank an approximate index ('ivf' both backends,
+'hnsw' FAISS only)."""
 from __future__ import annotations
 
 import pathlib
@@ -12,6 +15,8 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from fiancee_jax.core.bank import index as ix
+from fiancee_jax.core.bank.index import IndexSpec, resolve_backend
 from fiancee_jax.core.bank.layout import BankError, glue
 
 FAISS_DIR = 'faiss'   # per-class FAISS indices under the bank folder
@@ -19,21 +24,38 @@ FAISS_DIR = 'faiss'   # per-class FAISS indices under the bank folder
 
 class BankHost:
   """Host-side part of a bank (static under jit, hashed by identity): manifest, host keys,
-  per-class FAISS indices (read from files or built on first use)."""
+  the index spec, per-class FAISS indices (flat: read from files or built on first use;
+  ivf / hnsw: built on first use) and, for IVF, each class's (centroids, list of each key).
+  `backend_used`: the backend the last `nearest` call traced with ('auto' resolved)."""
 
   def __init__(self, keys: np.ndarray, key_classes: np.ndarray, num_classes: int,
-               manifest: dict | None = None, path: pathlib.Path | None = None):
+               manifest: dict | None = None, path: pathlib.Path | None = None,
+               index: IndexSpec | None = None,
+               ivf_parts: dict[int, tuple[np.ndarray, np.ndarray]] | None = None):
     self.keys = keys
     self.key_classes = key_classes
     self.num_classes = num_classes
     self.manifest = manifest or {}
     self.path = path
+    self.index = index or IndexSpec()
+    self.ivf_parts = ivf_parts
     self.max_class_size = int(np.bincount(key_classes).max())  # static block for 'device'
+    self.backend_used: str | None = None
+    self.faiss_on_gpu = False
     self._indices: dict[int, tuple[Any, np.ndarray]] | None = None
     self._all: Any = None
 
+  def _place(self, faiss: Any, index: Any) -> Any:
+    """The index on GPU 0 when faiss has GPUs and JAX runs on a GPU (flat, IVF; HNSW has no
+    GPU version)."""
+    if self.index.kind != 'hnsw' and ix.faiss_gpu_wanted(jax.default_backend(),
+                                                         ix.faiss_gpu_count(faiss)):
+      self.faiss_on_gpu = True
+      return ix.FaissGpu.move(faiss, index)
+    return index
+
   def faiss_indices(self) -> dict[int, tuple[Any, np.ndarray]]:
-    """{class: (IndexFlatL2 of that class's keys, their global ids)} for classes with keys."""
+    """{class: (FAISS index of that class's keys, their global ids)} for classes with keys."""
     if self._indices is None:
       faiss = _import_faiss()
       out = {}
@@ -42,7 +64,10 @@ class BankHost:
         if ids.size == 0:
           continue
         f = self.path / FAISS_DIR / f'{c}.index' if self.path is not None else None
-        if f is not None and f.exists():
+        if self.index.kind != 'flat':
+          cent = self.ivf_parts[c][0] if self.ivf_parts else None
+          index = ix.faiss_index(faiss, self.keys[ids], self.index, cent)
+        elif f is not None and f.exists():
           index = faiss.read_index(str(f))
           if index.ntotal != ids.size or index.d != self.keys.shape[1]:
             raise BankError(f'{f}: FAISS index holds {index.ntotal} x {index.d}, expected '
@@ -50,16 +75,17 @@ class BankHost:
         else:
           index = faiss.IndexFlatL2(self.keys.shape[1])
           index.add(np.ascontiguousarray(self.keys[ids], dtype=np.float32))
-        out[c] = (index, ids)
+        out[c] = (self._place(faiss, index), ids)
       self._indices = out
     return self._indices
 
   def faiss_all(self) -> Any:
     """IndexFlatL2 over every key: the fallback for a query class with no keys."""
     if self._all is None:
-      index = _import_faiss().IndexFlatL2(self.keys.shape[1])
+      faiss = _import_faiss()
+      index = faiss.IndexFlatL2(self.keys.shape[1])
       index.add(np.ascontiguousarray(self.keys, dtype=np.float32))
-      self._all = index
+      self._all = index if self.index.kind == 'hnsw' else self._place(faiss, index)
     return self._all
 
   def search(self, queries: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -74,6 +100,11 @@ class BankHost:
       if int(cls) in indices:
         index, ids = indices[int(cls)]
         _, i = index.search(q[sel], 1)
+        miss = i[:, 0] < 0  # an approximate index found nothing: exact over the class
+        if miss.any():
+          kc = self.keys[ids]
+          d2 = ((q[sel][miss, None, :] - kc[None]) ** 2).sum(-1)
+          i[miss, 0] = d2.argmin(1)
         out[sel] = ids[i[:, 0]]
       else:
         _, i = self.faiss_all().search(q[sel], 1)
@@ -91,6 +122,7 @@ class Bank:
   class_counts: jax.Array  # (num_classes,) int32: keys per class
   class_offsets: jax.Array  # (num_classes,) int32: first row of each class (rows sorted by class)
   host: BankHost = struct.field(pytree_node=False)
+  ivf: ix.DeviceIVF | None = None  # IVF lists on device (`with_index(..., IndexSpec('ivf'))`)
 
   @property
   def manifest(self) -> dict:
@@ -155,6 +187,28 @@ def stack(banks: Sequence[Bank]) -> Bank:
                    manifest={'stacked': [b.manifest for b in banks]})
 
 
+def with_index(bank: Bank, spec: IndexSpec | Any) -> Bank:
+  """The same bank searched with index `spec` (an IndexSpec, or a config's `bank` section:
+  bank.index, bank.ivf_nlist, ...). 'ivf' runs k-means per class now (faiss.Kmeans) and
+  puts the lists on device too (a list-sorted copy of the keys: 2x key memory); 'hnsw'
+  builds its FAISS graphs on first use. 'flat' gives back an exact bank."""
+  if not isinstance(spec, IndexSpec):
+    spec = IndexSpec.from_config(spec)
+  h = bank.host
+  parts, dev = None, None
+  if spec.kind == 'ivf':
+    faiss = _import_faiss()
+    parts = {}
+    for c in range(h.num_classes):
+      ids = np.flatnonzero(h.key_classes == c)
+      if ids.size:
+        cent = ix.kmeans(faiss, h.keys[ids], spec)
+        parts[c] = (cent, ix.assign(faiss, h.keys[ids], cent))
+    dev = ix.device_ivf(h.keys, h.key_classes, h.num_classes, parts, spec)
+  host = BankHost(h.keys, h.key_classes, h.num_classes, h.manifest, h.path, spec, parts)
+  return bank.replace(host=host, ivf=dev)
+
+
 # --------------------------------------------------------------------------- retrieval
 
 def _nearest_device(bank: Bank, q: jax.Array, c: jax.Array, query_tile: int) -> jax.Array:
@@ -217,13 +271,15 @@ def _nearest_device(bank: Bank, q: jax.Array, c: jax.Array, query_tile: int) -> 
 
 
 def nearest(bank: Bank, queries: jax.Array, classes: jax.Array | None = None,
-            backend: str = 'device', query_tile: int = 32) -> jax.Array:
+            backend: str = 'auto', query_tile: int = 32) -> jax.Array:
   """Id of the nearest (L2) key of the same class for each query: (..., D) -> (...) int32.
 
   `backend`: 'device' (matmul + masked argmin per class segment, tiles of `query_tile`
-  queries) or 'faiss' (host FAISS
-  via `jax.pure_callback`, batched: one call for all queries, vmap broadcasts). Jittable
-  with `bank` as an argument; a class with no keys falls back to all keys.
+  queries), 'faiss' (host FAISS via `jax.pure_callback`, batched: one call for all queries,
+  vmap broadcasts) or 'auto' (`index.resolve_backend`: FAISS on CPU, device on GPU / TPU;
+  the choice is logged and kept in `bank.host.backend_used`). The bank's index
+  (`bank.host.index`, see `with_index`) decides exact or approximate. Jittable with `bank`
+  as an argument; a class with no keys falls back to all keys (exact).
   """
   queries = jnp.asarray(queries)
   d = bank.keys.shape[1]
@@ -236,22 +292,32 @@ def nearest(bank: Bank, queries: jax.Array, classes: jax.Array | None = None,
     raise BankError(f'classes of shape {classes.shape}: expected {queries.shape[:-1]} '
                     '(queries without the key dim)')
   classes = classes.astype(jnp.int32)
+  kind = bank.host.index.kind
+  backend = resolve_backend(backend, index=kind)
+  bank.host.backend_used = backend
   if backend == 'device':
     lead = queries.shape[:-1]
-    idx = _nearest_device(bank, queries.reshape(-1, d).astype(jnp.float32),
-                          classes.reshape(-1), query_tile)
+    q, c = queries.reshape(-1, d).astype(jnp.float32), classes.reshape(-1)
+    if kind == 'flat':
+      idx = _nearest_device(bank, q, c, query_tile)
+    elif kind == 'ivf':
+      if bank.ivf is None:
+        raise BankError("bank index 'ivf' without device lists: build it with with_index")
+      idx = ix.nearest_ivf_device(bank.ivf, bank.keys, bank.key_sqnorm, bank.class_counts,
+                                  bank.host.max_class_size, q, c)
+    else:
+      raise BankError(f"bank index {kind!r} has no device search (a graph walk): use "
+                      "backend 'faiss' or 'auto'")
     return idx.reshape(lead)
-  if backend == 'faiss':
-    host = bank.host
-    host.faiss_indices()  # read / build the indices now, not inside the callback
-    out = jax.ShapeDtypeStruct(queries.shape[:-1], jnp.int32)
-    return jax.pure_callback(host.search, out, queries.astype(jnp.float32), classes,
-                             vmap_method='broadcast_all')
-  raise BankError(f"bank backend={backend!r}: expected 'device' or 'faiss'")
+  host = bank.host
+  host.faiss_indices()  # read / build the indices now, not inside the callback
+  out = jax.ShapeDtypeStruct(queries.shape[:-1], jnp.int32)
+  return jax.pure_callback(host.search, out, queries.astype(jnp.float32), classes,
+                           vmap_method='broadcast_all')
 
 
 def retrieve(bank: Bank, queries: jax.Array, classes: jax.Array | None = None,
-             backend: str = 'device', query_tile: int = 32) -> jax.Array:
+             backend: str = 'auto', query_tile: int = 32) -> jax.Array:
   """Guide feature map (Sec. 3.3): queries (B, h, w, D) + classes (B, h, w) or None ->
   values of the nearest same-class keys glued into (B, h*ph, w*pw, C)."""
   queries = jnp.asarray(queries)
