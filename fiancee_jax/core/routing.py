@@ -14,9 +14,10 @@ Two execution paths (measured: under vmap a batched `lax.switch` index becomes `
 every branch):
   * one input, all inside jit: `routed_apply` = prefix -> predictor -> `choose_exit` ->
     `switch_apply` (`lax.switch` with a scalar index runs only the chosen branch);
-  * a batch: `run_bucketed` groups inputs by exit on the host and runs each exit's jitted
-    function on its group, padded to a few fixed sizes (under `vmap`, `lax.switch` with a
-    batched index becomes `select` and computes every branch).
+  * a batch: `bucket_plan` groups inputs by exit on the host, each exit's jitted function
+    runs on its group in chunks of a few fixed sizes, and `assemble` puts the outputs back in
+    order once (`run_bucketed`; under `vmap`, `lax.switch` with a batched index becomes
+    `select` and computes every branch).
 `budget_exits` picks exits for a batch under a mean-GMAC budget instead of a threshold.
 """
 from __future__ import annotations
@@ -324,49 +325,77 @@ def _bucket_chunks(count: int, bucket_sizes: Sequence[int]) -> list[tuple[int, i
   return chunks
 
 
-def run_bucketed(exit_fns: Sequence[Callable[[PyTree], PyTree]], exits: Array, inputs: PyTree,
-                 bucket_sizes: Sequence[int] = (1, 4, 16, 64)) -> PyTree:
-  """Run exit_fns[exits[i]] on row i of `inputs`; outputs in the original order.
-
-  exit_fns[e](batch) -> pytree with leading batch axis; pass jitted functions (bind params
-  with functools.partial so they stay jit arguments). Rows routed to exit e are gathered and
-  cut into chunks of the bucket sizes (`_bucket_chunks`: largest bucket first; only a tail
-  smaller than the smallest bucket is padded, repeating its last row), and the padding is
-  dropped when scattering back. So each exit function sees at most len(bucket_sizes)
-  distinct batch shapes, and an exit that no row needs is never called. Rows must not interact inside an exit function
-  (eval-mode norms), else padding would change results.
-  """
+def _check_bucket_sizes(bucket_sizes: Sequence[int]) -> tuple[int, ...]:
   sizes = tuple(int(b) for b in bucket_sizes)
   if not sizes or sizes[0] < 1 or list(sizes) != sorted(set(sizes)):
     raise ValueError(f'bucket_sizes={tuple(bucket_sizes)}: expected strictly increasing '
                      'positive ints')
+  return sizes
+
+
+def bucket_plan(exits: Array, num_routes: int, bucket_sizes: Sequence[int] = (1, 4, 16, 64)
+                ) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+  """Host-side plan of a bucketed batch: (chunks, positions).
+
+  chunks: [(route e, gather (b,) int32 row indices)], b a bucket size; rows routed to e are
+  cut by `_bucket_chunks` (largest bucket first; only a tail below the smallest bucket is
+  padded, repeating its last row). positions (B,) int32: where row i's output sits in the
+  concatenation of the chunks' outputs, so `concatenate(outputs)[positions]` is the batch in
+  its original order (one gather; padding rows are never picked)."""
+  sizes = _check_bucket_sizes(bucket_sizes)
   exits = np.asarray(exits)
-  leaves = jax.tree_util.tree_leaves(inputs)
-  if exits.ndim != 1 or not leaves or any(jnp.shape(a)[:1] != exits.shape for a in leaves):
-    raise ValueError(f'exits has shape {exits.shape} and input leaves '
-                     f'{[jnp.shape(a) for a in leaves]}: expected exits (B,) and every input '
-                     'leaf with leading axis B')
+  if exits.ndim != 1:
+    raise ValueError(f'exits has shape {exits.shape}: expected (B,)')
   if not np.issubdtype(exits.dtype, np.integer) or (
-      exits.size and (exits.min() < 0 or exits.max() >= len(exit_fns))):
+      exits.size and (exits.min() < 0 or exits.max() >= num_routes)):
     raise ValueError(f'exits (dtype {exits.dtype}, values {np.unique(exits).tolist()}): '
-                     f'expected ints in [0, {len(exit_fns) - 1}]')
-  batch = exits.shape[0]
-  result = None
+                     f'expected ints in [0, {num_routes - 1}]')
+  chunks: list[tuple[int, np.ndarray]] = []
+  positions = np.zeros(exits.shape[0], np.int32)
+  offset = 0
   for e in np.unique(exits):
     rows = np.nonzero(exits == e)[0]
     start = 0
     for count, padded in _bucket_chunks(len(rows), sizes):
       idx = rows[start:start + count]
       start += count
-      gather = np.concatenate([idx, np.full(padded - count, idx[-1])])
-      target = np.concatenate([idx, np.full(padded - count, batch)])  # padding: dropped
-      out = exit_fns[e](jax.tree_util.tree_map(lambda a, g=gather: a[g], inputs))
-      if result is None:
-        result = jax.tree_util.tree_map(
-            lambda o: jnp.zeros((batch,) + o.shape[1:], o.dtype), out)
-      result = jax.tree_util.tree_map(
-          lambda r, o, t=target: r.at[t].set(o, mode='drop'), result, out)
-  return result
+      chunks.append((int(e), np.concatenate([idx, np.full(padded - count, idx[-1])]
+                                            ).astype(np.int32)))
+      positions[idx] = offset + np.arange(count)
+      offset += padded
+  return chunks, positions
+
+
+def assemble(outputs: Sequence[PyTree], positions: Array) -> PyTree:
+  """The chunks' outputs (in `bucket_plan` order) back in the batch's order: one
+  concatenation and one gather per output leaf. Jittable."""
+  return jax.tree_util.tree_map(lambda *o: jnp.concatenate(o)[positions], *outputs)
+
+
+def run_bucketed(exit_fns: Sequence[Callable[[PyTree], PyTree]], exits: Array, inputs: PyTree,
+                 bucket_sizes: Sequence[int] = (1, 4, 16, 64)) -> PyTree:
+  """Run exit_fns[exits[i]] on row i of `inputs`; outputs in the original order.
+
+  exit_fns[e](batch) -> pytree with leading batch axis; pass jitted functions (bind params
+  with functools.partial so they stay jit arguments). `bucket_plan` cuts each exit's rows
+  into chunks of the bucket sizes; each chunk is gathered, run, and the outputs are put back
+  in order once (`assemble`). So each exit function sees at most len(bucket_sizes) distinct
+  batch shapes, and an exit that no row needs is never called. Rows must not interact inside
+  an exit function (eval-mode norms), else padding would change results. (The engine's
+  batched path, `infer.engine.Engine.routed_batch`, gathers rows of the shared prefix inside
+  its jitted routes instead of the raw inputs.)
+  """
+  _check_bucket_sizes(bucket_sizes)
+  exits = np.asarray(exits)
+  leaves = jax.tree_util.tree_leaves(inputs)
+  if exits.ndim != 1 or not leaves or any(jnp.shape(a)[:1] != exits.shape for a in leaves):
+    raise ValueError(f'exits has shape {exits.shape} and input leaves '
+                     f'{[jnp.shape(a) for a in leaves]}: expected exits (B,) and every input '
+                     'leaf with leading axis B')
+  chunks, positions = bucket_plan(exits, len(exit_fns), bucket_sizes)
+  outs = [exit_fns[e](jax.tree_util.tree_map(lambda a, g=gather: a[g], inputs))
+          for e, gather in chunks]
+  return assemble(outs, positions)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ One input: backbone prefix -> predictor -> the cheapest exit whose predicted LPI
 routing rule's offset: `infer.rules`, by default the conformal one) is <= the threshold -> that route, continuing from the prefix,
 all in one jitted call (`Engine.routed_one`: `routing.routed_apply`, whose `lax.switch` runs
 only the chosen route; the guide is retrieved inside the exit routes, not for the backbone's).
-A batch: the predictor once, exits chosen on the host, each route on its rows
-(`routing.run_bucketed`).
+A batch (`Engine.routed_batch`): one jitted call (prefix, predictor, exit choice, guide) whose
+B int32 exits alone come to the host, then per (route, bucket size) one jitted call that
+gathers its rows of the prefix and continues the route from there, the images put back in
+order once; sharded over the local devices when there are several.
 
 Route inputs are the adapter's (`Backbone.abstract_inputs`; OASIS: labels (B, H, W) int32 and
 z (B, z_dim); head avatars: source, driver (B, H, W, 3) in [-1, 1] and the source identity
@@ -24,6 +26,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fiancee_jax import workdir as wd
 from fiancee_jax.core import pipeline as pl
@@ -68,6 +71,37 @@ def device_name() -> str:
 # The compiled pipeline.
 
 
+class _AOT:
+  """A jitted `fn(params, *args)` with ahead-of-time compiled executables, keyed by the
+  shapes and dtypes of `args` (params keep the engine's shapes): `warm(*abstract)` lowers and
+  compiles, a call with those shapes runs the executable (no tracing), any other goes through
+  jit."""
+
+  def __init__(self, fn: Callable[..., Any]):
+    self.jit = jax.jit(fn)
+    self.compiled: dict[Any, Any] = {}
+
+  @staticmethod
+  def key(args: Sequence[Any]) -> tuple:
+    return tuple((tuple(getattr(a, 'shape', ())), str(getattr(a, 'dtype', type(a).__name__)))
+                 for a in jax.tree_util.tree_leaves(args))
+
+  def warm(self, params: Any, *args: Any) -> Any:
+    k = self.key(args)
+    if k not in self.compiled:
+      self.compiled[k] = self.jit.lower(params, *args).compile()
+    return self.compiled[k]
+
+  def __call__(self, params: Any, *args: Any) -> Any:
+    c = self.compiled.get(self.key(args))
+    if c is not None:
+      try:
+        return c(params, *args)
+      except (TypeError, ValueError):  # another placement than the one compiled for
+        pass
+    return self.jit(params, *args)
+
+
 class Engine:
   """Jitted functions of one pipeline, each `fn(params, *inputs)` (inputs with a leading batch
   axis B):
@@ -76,16 +110,24 @@ class Engine:
     prefix(params, *x)       -> the `Prefix` (what every route shares)
     guide(params, *x)        -> (the `Prefix`, the bank's guide (B, ...) or None when unguided)
     routed_one(params, x, threshold, costs, offset) -> (image (1, H, W, 3), {'exit', 'pred_lpips'})
+    choose(params, x, threshold, costs, offset) -> (exits (B,) int32, pred (B, E), Prefix, guide)
+    from_prefix[r](params, pre, guide, rows) -> image of route r for the prefix rows `rows`
     all(params, *x)          -> ([image of every route, route order], {'pred_in', 'guide'})
-    routes[r](params, *x)    -> image of route r only (exits in order, then the backbone)
+    routes[r](params, *x)    -> image of route r only from the raw inputs (references, latency)
+
+  `routed_one` and `choose` / `from_prefix` (the batched path, `routed_batch`) are compiled
+  ahead of time by `warm` (at construction with `warm=True`: batch 1). With several local
+  devices, batches are sharded over them (`put`).
   """
 
-  def __init__(self, pipeline: pl.Pipeline, backend: str | None = None):
+  def __init__(self, pipeline: pl.Pipeline, backend: str | None = None, warm: bool = False):
     p = self.pipeline = pipeline
     self.backend = backend
     self.exits = tuple(int(k) for k in p.exits)
     self.costs = np.asarray(p.costs, np.float64)
     n = len(self.exits)
+    devices = jax.local_devices()
+    self.mesh = Mesh(np.array(devices), ('data',)) if len(devices) > 1 else None
 
     def predict(params, *x):
       return pl.predict(p, params, pl.prefix(p, params, *x))
@@ -105,6 +147,21 @@ class Engine:
           tuple(functools.partial(route_from, r) for r in range(n + 1)),
           params, tuple(x), threshold, costs, offset)
 
+    def choose(params, x, threshold, costs, offset):
+      pre = pl.prefix(p, params, *x)
+      pred = pl.predict(p, params, pre)
+      return (routing.choose_exit(pred, threshold, costs, offset), pred, pre,
+              pl.guide(p, params, pre, backend))
+
+    def from_prefix(r, params, pre, g, rows):   # gather rows of the prefix, continue route r
+      sub = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=0), pre)
+      gs = None if g is None or r == n else jax.tree_util.tree_map(
+          lambda a: jnp.take(a, rows, axis=0), g)
+      if self.mesh is not None and rows.shape[0] % len(devices) == 0:
+        spec = NamedSharding(self.mesh, PartitionSpec('data'))
+        sub, gs = jax.lax.with_sharding_constraint((sub, gs), spec)
+      return pl.route_image(p, params, r, sub, gs)
+
     def every(params, *x):  # a list in route order (int and str dict keys do not sort)
       out = pl.all_images(p, params, *x, backend=backend)
       return ([out[k] for k in list(self.exits) + ['backbone']],
@@ -113,9 +170,12 @@ class Engine:
     self.predict = jax.jit(predict)
     self.prefix = jax.jit(functools.partial(pl.prefix, p))
     self.guide = jax.jit(guide)
-    self.routed_one = jax.jit(routed_one)
+    self.routed_one = _AOT(routed_one)
+    self.choose = _AOT(choose)
+    self.from_prefix = [_AOT(functools.partial(from_prefix, r)) for r in range(n + 1)]
     self.all = jax.jit(every)
     self.routes = [jax.jit(r) for r in pl.route_fns(p, backend)]
+    self.warm_s = self.warm() if warm else 0.0
 
   @property
   def params(self) -> dict:
@@ -125,38 +185,117 @@ class Engine:
   def config(self):
     return self.pipeline.config
 
+  @property
+  def num_devices(self) -> int:
+    return 1 if self.mesh is None else int(self.mesh.size)
+
   def route_name(self, route: int) -> str:
     return f'exit{self.exits[route]}' if route < len(self.exits) else 'backbone'
 
-  def routed_batch(self, inputs: Sequence[Any], threshold: float, offset: float = 0.0,
+  # ------------------------------------------------------------------ ahead-of-time compiles
+
+  def _scalars(self) -> tuple:
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    return f32, jax.ShapeDtypeStruct(self.costs.shape, jnp.float32), f32
+
+  def _abstract(self, batch: int) -> tuple:
+    sharding = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec('data'))
+    return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+                 for a in self.pipeline.backbone.abstract_inputs(batch))
+
+  def warm(self, batch: int | None = None, bucket_sizes: Sequence[int] | None = None) -> float:
+    """Compile ahead of time (`.lower().compile()`): `routed_one` at batch 1; with `batch`,
+    also the batched path for chunks of `batch` inputs (`choose`, padded to the device count,
+    and every route's `from_prefix` at each bucket size <= batch). Returns the seconds."""
+    t0 = time.perf_counter()
+    params, (t, c, o) = self.params, self._scalars()
+    one = tuple(self.pipeline.backbone.abstract_inputs(1))
+    self.routed_one.warm(params, one, t, c, o)
+    if batch:
+      padded = self._padded(int(batch))
+      x = self._abstract(padded)
+      comp = self.choose.warm(params, x, t, c, o)
+      outs = jax.eval_shape(self.choose.jit, params, x, t, c, o)
+      shard = jax.tree_util.tree_leaves(comp.output_shardings)
+      leaves, tree = jax.tree_util.tree_flatten(outs)
+      outs = jax.tree_util.tree_unflatten(tree, [
+          jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(leaves, shard)])
+      _, _, pre, g = outs
+      for b in bucket_sizes or self.config.routing.bucket_sizes:
+        if b <= batch:
+          rows = jax.ShapeDtypeStruct((int(b),), jnp.int32)
+          for fn in self.from_prefix:
+            fn.warm(params, pre, g, rows)
+    return time.perf_counter() - t0
+
+  # ------------------------------------------------------------------ the batched path
+
+  def _padded(self, batch: int) -> int:
+    d = self.num_devices
+    return -(-batch // d) * d
+
+  def put(self, inputs: Sequence[Any]) -> tuple[tuple, int]:
+    """Route inputs on device: padded (last row repeated) to a multiple of the local device
+    count and sharded over the devices along the batch axis when there are several.
+    Returns (inputs, B)."""
+    inputs = tuple(np.asarray(x) if not isinstance(x, jax.Array) else x for x in inputs)
+    batch = int(inputs[0].shape[0])
+    if self.mesh is None:
+      return tuple(jnp.asarray(x) for x in inputs), batch
+    padded = self._padded(batch)
+    if padded != batch:
+      inputs = tuple(jnp.concatenate([x, jnp.repeat(x[-1:], padded - batch, axis=0)])
+                     for x in inputs)
+    spec = NamedSharding(self.mesh, PartitionSpec('data'))
+    return tuple(jax.device_put(x, spec) for x in inputs), batch
+
+  def routed_batch(self, inputs: Sequence[Any], threshold: float = 1.0, offset: float = 0.0,
                    bucket_sizes: Sequence[int] | None = None,
-                   timings: dict[str, float] | None = None) -> tuple[jax.Array, np.ndarray]:
-    """A batch (`inputs` leading axis B): predictor once for the batch, exits on the host,
-    then each route on its bucket (`routing.run_bucketed`). Returns (images (B, H, W, 3),
-    exits (B,)). With `timings`, adds the seconds spent in prediction ('predict') and in route
-    calls ('routes')."""
+                   timings: dict[str, float] | None = None, *, budget: float | None = None,
+                   num_valid: int | None = None, with_pred: bool = False) -> tuple:
+    """A batch (`inputs` leading axis B) routed from one prefix: one `choose` call (prefix,
+    predictor, exits, guide; sharded over the local devices); only the B int32 exits come
+    to the host (with `budget`: the predictions, for `routing.budget_exits` under a mean of
+    `budget` GMACs per input, instead of the threshold rule); then per chunk of
+    `routing.bucket_plan` one `from_prefix` call gathering its rows of the prefix and
+    continuing its route (the prefix is never recomputed); the images are put back in order
+    once (`routing.assemble`). Nothing is blocked on unless `timings` is given (then it adds
+    the seconds of 'predict' = the choose call, and 'routes'). `num_valid`: only the first
+    rows are real (the rest pad a fixed chunk shape: not routed, not returned).
+    Returns (images (B, H, W, 3) on device, exits (B,) numpy[, pred (B, E) numpy])."""
     params = self.params
     sizes = tuple(bucket_sizes or self.config.routing.bucket_sizes)
-    inputs = tuple(jnp.asarray(x) for x in inputs)
+    x, batch = self.put(inputs)
+    nv = batch if num_valid is None else int(num_valid)
+    c32 = jnp.asarray(self.costs, jnp.float32)
     t0 = time.perf_counter()
-    pred = np.asarray(self.predict(params, *inputs))
+    exits_d, pred_d, pre, g = self.choose(params, x, jnp.float32(threshold), c32,
+                                          jnp.float32(offset))
+    if budget is None:
+      exits = np.asarray(exits_d)[:nv]
+    else:
+      exits = np.asarray(routing.budget_exits(np.asarray(pred_d)[:nv], self.costs, budget),
+                         np.int32)
     t1 = time.perf_counter()
-    exits = np.asarray(routing.choose_exit(pred, threshold, self.costs, offset))
-    spent = [0.0]
-
-    def wrap(r):
-      def call(x):
-        s = time.perf_counter()
-        out = block(r(params, *x))
-        spent[0] += time.perf_counter() - s
-        return out
-      return call
-
-    images = routing.run_bucketed([wrap(r) for r in self.routes], exits, inputs, sizes)
+    chunks, positions = routing.bucket_plan(exits, len(self.costs), sizes)
+    outs = []
+    for r, rows in chunks:
+      outs.append(self.from_prefix[r](params, pre, g, rows))
+      if timings is not None:
+        block(outs[-1])
+    t2 = time.perf_counter()
+    images = _assemble(tuple(outs), positions)
     if timings is not None:
+      block(images)
       timings['predict'] = timings.get('predict', 0.0) + (t1 - t0)
-      timings['routes'] = timings.get('routes', 0.0) + spent[0]
+      timings['routes'] = timings.get('routes', 0.0) + (time.perf_counter() - t1)
+      del t2
+    if with_pred:
+      return images, exits, np.asarray(pred_d)[:nv]
     return images, exits
+
+
+_assemble = jax.jit(routing.assemble)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +357,7 @@ def write_image(out: str, image: np.ndarray) -> None:
 def infer_file(backbone: Backbone, workdir: str, *, threshold: Any = TARGET_LPIPS,
                rule: rules.Rule | None = None, verify: bool = False, out: str | None = None,
                repeats: int = 5, engine: Engine | None = None, started: float | None = None,
-               **flags: Any) -> dict[str, Any]:
+               warm: bool = True, **flags: Any) -> dict[str, Any]:
   """`infer.py` for one input -> writes the image (default `<workdir>/infer/<name>_t<t>.png`)
   and returns the info dict (with `image` = the written path). `rule`: the routing rule
   (`infer.rules.check`; default the calibrated rule at config.routing.alpha); its name,
@@ -235,6 +374,7 @@ def infer_file(backbone: Backbone, workdir: str, *, threshold: Any = TARGET_LPIP
   if engine is None:
     engine = Engine(load(backbone, workdir, **req.bank_select))
   load_s = time.perf_counter() - t0
+  warm_s = engine.warm() if warm else 0.0   # batch 1 compiled at load, not at the first call
   rule = rules.calibrate(rule, backbone, workdir, engine.pipeline)
   rule_info = rule.info(t, engine.costs)
   t_route = time.time()
@@ -242,7 +382,7 @@ def infer_file(backbone: Backbone, workdir: str, *, threshold: Any = TARGET_LPIP
                           repeats=repeats)
   first_image = t_route + info['first_call_s']
   startup = {'imports_and_init_s': None if started is None else t_call - started,
-             'load_s': load_s, 'calibration_s': rule.load_s,
+             'load_s': load_s, 'warm_s': warm_s, 'calibration_s': rule.load_s,
              'first_call_s': info.pop('first_call_s')}
   if started is not None:
     info['time_to_first_image_s'] = first_image - started

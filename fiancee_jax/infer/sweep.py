@@ -249,3 +249,53 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
   paths = report.write(out_dir, result)
   summary['report'] = paths['report']
   return summary
+
+
+def budget_sweep(backbone: Backbone, workdir: str, budget: float, *,
+                 engine: Engine | None = None, repeats: int = 3,
+                 out_dir: str | None = None) -> dict[str, Any]:
+  """`infer.py --sweep --budget G`: the predictor's test split routed by
+  `routing.budget_exits` under a mean of G GMACs per input (instead of a threshold rule):
+  realised mean GMACs (<= G), mean true LPIPS, violation rate at TARGET_LPIPS, exit counts,
+  and the wall clock of routed batched inference under the budget (`Engine.routed_batch`,
+  each batch under G) vs the backbone on the same batches, in one run. Written to
+  `<out_dir>/budget.json` (default `<workdir>/report`)."""
+  config = backbone.config
+  engine = engine or Engine(load(backbone, workdir))
+  costs, pipeline = engine.costs, engine.pipeline
+  b = float(budget)
+  if not math.isfinite(b) or b < float(costs.min()):
+    raise InferError(f'--budget={budget!r} GMACs: expected a mean budget per input >= '
+                     f'{float(costs.min()):.4g} (the cheapest route; the backbone costs '
+                     f'{float(costs[-1]):.4g})')
+  test = predictor_data.dataset(backbone, workdir, 'test', pipeline)
+  pred = np.asarray(tp.predict(pipeline.predictor, pipeline.params['predictor']['params'],
+                               test['feats']))
+  true = test['targets']
+  exits = routing.budget_exits(pred, costs, b)
+  got = routing.chosen_lpips(true, exits)
+  inputs, _ = backbone.infer_inputs().from_rows(workdir, test)
+  n = len(true)
+  bs = int(min(n, max(config.routing.bucket_sizes)))
+  batches = [tuple(x[i:i + bs] for x in inputs) for i in range(0, n - bs + 1, bs)]
+  backbone_s = time_fn(lambda: [engine.routes[-1](engine.params, *x) for x in batches],
+                       repeats)
+  routed_s = time_fn(lambda: [engine.routed_batch(x, budget=b)[0] for x in batches], repeats)
+  out = {'budget_gmacs': b, 'num_test': int(n), 'mean_gmacs': float(costs[exits].mean()),
+         'backbone_gmacs': float(costs[-1]),
+         'gmacs_share': float(costs[exits].mean() / costs[-1]),
+         'mean_pred_lpips': float(routing.chosen_lpips(pred, exits).mean()),
+         'mean_true_lpips': float(got.mean()),
+         'violation_rate_at_target': routing.violation_rate(got, TARGET_LPIPS),
+         'target_lpips': TARGET_LPIPS,
+         'exit_counts': np.bincount(exits, minlength=len(costs)).tolist(),
+         'latency': {'batch_size': bs, 'num_images': bs * len(batches),
+                     'backbone_ms_per_image': 1e3 * backbone_s / (bs * len(batches)),
+                     'routed_ms_per_image': 1e3 * routed_s / (bs * len(batches)),
+                     'speedup': backbone_s / routed_s},
+         'device': device_name(), 'config': config.name}
+  path = os.path.join(out_dir or wd.report_dir(workdir), 'budget.json')
+  from fiancee_jax import io_utils  # noqa: PLC0415
+  io_utils.atomic_write(path, json.dumps(report.jsonable(out), indent=1))
+  out['path'] = path
+  return out
