@@ -69,7 +69,14 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   c.branches.ckpt_every = 200
 
   c.bank = ml_collections.ConfigDict()
-  c.bank.backend = 'device'      # 'device' (matmul + masked argmin) | 'faiss' (pure_callback)
+  # 'auto' (the faster per platform, measured: FAISS on CPU, device on GPU/TPU; core/bank/index.py)
+  # | 'device' (matmul + masked argmin) | 'faiss' (pure_callback; GPU index with faiss-gpu)
+  c.bank.backend = 'auto'
+  c.bank.index = 'flat'          # 'flat' (exact) | 'ivf' (both backends) | 'hnsw' (FAISS only)
+  c.bank.ivf_nlist = 64          # IVF lists (k-means centroids) per class
+  c.bank.ivf_nprobe = 8          # IVF lists scanned per query (>= nlist: exact)
+  c.bank.hnsw_m = 32             # HNSW graph degree
+  c.bank.hnsw_ef_search = 64     # HNSW search beam
   c.bank.max_per_class = 5000    # FPS cap per class (paper 5000)
   # Inputs per backbone call while building a bank: a fixed compiled shape, so the bank's bits
   # depend on this and on the CPU/GPU kernels, never on build_bank.py's --batch_size.
@@ -234,8 +241,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(d.height > 0 and d.width > 0, f'data resolution {d.height}x{d.width} must be positive')
   need(b.sf > 0 and b.sf <= 1, f'branches.sf={b.sf}: expected 0 < sf <= 1')
   need(b.min_channels > 0, f'branches.min_channels={b.min_channels}: expected > 0')
-  need(config.bank.backend in ('device', 'faiss'),
-       f"bank.backend={config.bank.backend!r}: expected 'device' or 'faiss'")
+  need(config.bank.backend in ('auto', 'device', 'faiss'),
+       f"bank.backend={config.bank.backend!r}: expected 'auto', 'device' or 'faiss'")
+  need(config.bank.index in ('flat', 'ivf', 'hnsw'),
+       f"bank.index={config.bank.index!r}: expected 'flat', 'ivf' or 'hnsw'")
+  need(not (config.bank.index == 'hnsw' and config.bank.backend == 'device'),
+       "bank.index='hnsw' is FAISS only: bank.backend 'faiss' or 'auto'")
+  for k in ('ivf_nlist', 'ivf_nprobe', 'hnsw_m', 'hnsw_ef_search'):
+    need(int(config.bank[k]) >= 1, f'bank.{k}={config.bank[k]}: expected >= 1')
   need(config.bank.max_per_class > 0, 'bank.max_per_class must be > 0')
   need(config.bank.compute_batch > 0,
        f'bank.compute_batch={config.bank.compute_batch}: expected > 0')
