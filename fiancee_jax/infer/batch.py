@@ -115,9 +115,10 @@ def _append(f: Any, row: dict) -> None:
 # The run.
 
 
-def _read(backbone: Backbone, workdir: str, items: Sequence[Item], shapes: Sequence[tuple],
+def _read(backbone: Backbone, workdir: str, items: Sequence[Item], shapes: list,
           log: Any) -> tuple[list[tuple[Item, Any]], list[dict]]:
-  """(readable (item, request) pairs, error rows) of one chunk."""
+  """(readable (item, request) pairs, error rows) of one chunk. `shapes`: the route input
+  shapes of the run (set by the first readable input when empty)."""
   reader = backbone.infer_inputs()
   ok, errors = [], []
   for it in items:
@@ -130,6 +131,8 @@ def _read(backbone: Backbone, workdir: str, items: Sequence[Item], shapes: Seque
                            f'backbone ({backbone.config.name}): {e}') from None
         raise
       got = [tuple(np.shape(x)) for x in req.inputs]
+      if not shapes:
+        shapes.extend(got)
       if got != list(shapes):
         raise InferError(f'{it.input}: route inputs of shapes {got}; expected {list(shapes)}')
     except InferError as e:
@@ -197,8 +200,8 @@ def run(backbone: Backbone, workdir: str, out_dir: str, *, labels: str | None = 
     rule_info = {'threshold': threshold, **rule.info(threshold, costs)}
     offset = rule_info['offset']
     offset = offset if math.isfinite(offset) else (1e9 if offset > 0 else -1e9)
-  warm_s = engine.warm(batch=size) if warm and todo else 0.0
-  shapes = [tuple(a.shape) for a in backbone.abstract_inputs(1)]
+  shapes: list = []
+  warm_s = 0.0
   names = engine.pipeline.route_names
   first_image = None
   n_ok = n_err = 0
@@ -229,6 +232,8 @@ def run(backbone: Backbone, workdir: str, out_dir: str, *, labels: str | None = 
         _append(f, row)
       n_err += len(errors)
       launched = None
+      if pairs and warm and not warm_s:   # compiled for the shapes the readers give
+        warm_s = engine.warm(batch=size, like=pairs[0][1].inputs)
       if pairs:
         x = tuple(np.concatenate([req.inputs[j] for _, req in pairs] +
                                  [pairs[-1][1].inputs[j]] * (size - len(pairs)))

@@ -175,6 +175,9 @@ class Engine:
     self.from_prefix = [_AOT(functools.partial(from_prefix, r)) for r in range(n + 1)]
     self.all = jax.jit(every)
     self.routes = [jax.jit(r) for r in pl.route_fns(p, backend)]
+    # the batched path's params: replicated over the local devices (batch 1 stays on one)
+    self.batch_params = p.params if self.mesh is None else jax.device_put(
+        p.params, NamedSharding(self.mesh, PartitionSpec()))
     self.warm_s = self.warm() if warm else 0.0
 
   @property
@@ -198,22 +201,27 @@ class Engine:
     f32 = jax.ShapeDtypeStruct((), jnp.float32)
     return f32, jax.ShapeDtypeStruct(self.costs.shape, jnp.float32), f32
 
-  def _abstract(self, batch: int) -> tuple:
-    sharding = None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec('data'))
-    return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-                 for a in self.pipeline.backbone.abstract_inputs(batch))
+  def _abstract(self, like: Sequence[Any], batch: int, sharded: bool) -> tuple:
+    sharding = (NamedSharding(self.mesh, PartitionSpec('data'))
+                if sharded and self.mesh is not None else None)
+    return tuple(jax.ShapeDtypeStruct((batch,) + tuple(a.shape[1:]), a.dtype, sharding=sharding)
+                 for a in like)
 
-  def warm(self, batch: int | None = None, bucket_sizes: Sequence[int] | None = None) -> float:
+  def warm(self, batch: int | None = None, bucket_sizes: Sequence[int] | None = None,
+           like: Sequence[Any] | None = None) -> float:
     """Compile ahead of time (`.lower().compile()`): `routed_one` at batch 1; with `batch`,
     also the batched path for chunks of `batch` inputs (`choose`, padded to the device count,
-    and every route's `from_prefix` at each bucket size <= batch). Returns the seconds."""
+    and every route's `from_prefix` at each bucket size <= batch). `like`: route inputs
+    (arrays or shapes, any batch) whose shapes and dtypes the calls will have (default the
+    adapter's `abstract_inputs`; OASIS label ids (B, H, W) int32 are another valid form).
+    Returns the seconds."""
     t0 = time.perf_counter()
-    params, (t, c, o) = self.params, self._scalars()
-    one = tuple(self.pipeline.backbone.abstract_inputs(1))
-    self.routed_one.warm(params, one, t, c, o)
+    (t, c, o) = self._scalars()
+    like = tuple(like if like is not None else self.pipeline.backbone.abstract_inputs(1))
+    self.routed_one.warm(self.params, self._abstract(like, 1, False), t, c, o)
+    params = self.batch_params
     if batch:
-      padded = self._padded(int(batch))
-      x = self._abstract(padded)
+      x = self._abstract(like, self._padded(int(batch)), True)
       comp = self.choose.warm(params, x, t, c, o)
       outs = jax.eval_shape(self.choose.jit, params, x, t, c, o)
       shard = jax.tree_util.tree_leaves(comp.output_shardings)
@@ -263,7 +271,7 @@ class Engine:
     the seconds of 'predict' = the choose call, and 'routes'). `num_valid`: only the first
     rows are real (the rest pad a fixed chunk shape: not routed, not returned).
     Returns (images (B, H, W, 3) on device, exits (B,) numpy[, pred (B, E) numpy])."""
-    params = self.params
+    params = self.batch_params
     sizes = tuple(bucket_sizes or self.config.routing.bucket_sizes)
     x, batch = self.put(inputs)
     nv = batch if num_valid is None else int(num_valid)
@@ -374,7 +382,8 @@ def infer_file(backbone: Backbone, workdir: str, *, threshold: Any = TARGET_LPIP
   if engine is None:
     engine = Engine(load(backbone, workdir, **req.bank_select))
   load_s = time.perf_counter() - t0
-  warm_s = engine.warm() if warm else 0.0   # batch 1 compiled at load, not at the first call
+  # batch 1 compiled at load, not at the first call
+  warm_s = engine.warm(like=req.inputs) if warm else 0.0
   rule = rules.calibrate(rule, backbone, workdir, engine.pipeline)
   rule_info = rule.info(t, engine.costs)
   t_route = time.time()

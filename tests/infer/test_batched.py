@@ -67,7 +67,7 @@ def test_routes_continue_from_the_prefix(eng):
   conv; the head and the branch outputs one more)."""
   x, _ = eng.put((_z(eng, 4),))
   c32 = jnp.asarray(eng.costs, jnp.float32)
-  args = (eng.params, x, jnp.float32(0.5), c32, jnp.float32(0.0))
+  args = (eng.batch_params, x, jnp.float32(0.5), c32, jnp.float32(0.0))
   assert eng.choose.jit.lower(*args).as_text().count('convolution(') == 1   # block 1
   _, _, pre, g = eng.choose(*args)
   assert pre.at == 1
@@ -76,7 +76,7 @@ def test_routes_continue_from_the_prefix(eng):
   nb = eng.pipeline.backbone.num_blocks
   want = [len(specs[k].spec) + 1 + (k - 1) for k in eng.exits] + [nb - 1 + 1]
   for r, fn in enumerate(eng.from_prefix):
-    text = fn.jit.lower(eng.params, pre, g, rows).as_text()
+    text = fn.jit.lower(eng.batch_params, pre, g, rows).as_text()
     assert text.count('convolution(') == want[r], (r, text.count('convolution('), want)
 
 
@@ -86,7 +86,7 @@ def test_sharded_over_local_devices(eng):
   x, batch = eng.put((_z(eng, 6),))
   assert batch == 6 and x[0].shape[0] % n == 0
   assert len(x[0].sharding.device_set) == n
-  exits_d, pred_d, pre, _ = eng.choose(eng.params, x, jnp.float32(0.5),
+  exits_d, pred_d, pre, _ = eng.choose(eng.batch_params, x, jnp.float32(0.5),
                                        jnp.asarray(eng.costs, jnp.float32), jnp.float32(0.0))
   assert len(pre.x.sharding.device_set) == n and len(pred_d.sharding.device_set) == n
 
