@@ -279,3 +279,21 @@ def test_bad_shapes_and_budget():
     routing.run_bucketed([lambda x: x], np.zeros(2, int), jnp.zeros((2, 2)), (4, 1))
   with pytest.raises(ValueError, match='mean_budget'):
     routing.budget_exits(np.zeros((2, 4)), COSTS, 19.0)
+
+
+def test_bucket_plan_positions_invert_the_gather():
+  """Row i's output is at positions[i] of the chunks' outputs, concatenated; padding rows are
+  never picked; every chunk is one route's rows at a bucket size."""
+  rng = np.random.default_rng(3)
+  exits = rng.integers(0, 3, 23)
+  chunks, positions = routing.bucket_plan(exits, 3, (1, 4, 16))
+  gathered = np.concatenate([g for _, g in chunks])
+  np.testing.assert_array_equal(gathered[positions], np.arange(23))
+  assert all(len(g) in (1, 4, 16) and set(exits[g]) == {e} for e, g in chunks)
+  assert len(set(positions.tolist())) == 23
+  x = jnp.asarray(rng.standard_normal((23, 2)), jnp.float32)
+  outs = [x[g] * (e + 1) for e, g in chunks]        # route e scales by e + 1
+  np.testing.assert_allclose(routing.assemble(outs, positions), x * (exits[:, None] + 1),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match='expected ints'):
+    routing.bucket_plan(np.array([0, 3]), 3)
