@@ -239,7 +239,8 @@ def run(backbone: Backbone, workdir: str, out_dir: str, *, labels: str | None = 
                                  [pairs[-1][1].inputs[j]] * (size - len(pairs)))
                   for j in range(len(shapes)))   # padded to the chunk: one compiled shape
         images, exits, pred = engine.routed_batch(x, threshold, offset, budget=budget,
-                                                  num_valid=len(pairs), with_pred=True)
+                                                  num_valid=len(pairs), with_pred=True,
+                                                  on_host=True)
         launched = (pairs, images, exits, pred)
       if pending is not None:
         finish(f, pending)   # the previous chunk is written while this one runs

@@ -260,7 +260,8 @@ class Engine:
   def routed_batch(self, inputs: Sequence[Any], threshold: float = 1.0, offset: float = 0.0,
                    bucket_sizes: Sequence[int] | None = None,
                    timings: dict[str, float] | None = None, *, budget: float | None = None,
-                   num_valid: int | None = None, with_pred: bool = False) -> tuple:
+                   num_valid: int | None = None, with_pred: bool = False,
+                   on_host: bool = False) -> tuple:
     """A batch (`inputs` leading axis B) routed from one prefix: one `choose` call (prefix,
     predictor, exits, guide; sharded over the local devices); only the B int32 exits come
     to the host (with `budget`: the predictions, for `routing.budget_exits` under a mean of
@@ -269,7 +270,11 @@ class Engine:
     continuing its route (the prefix is never recomputed); the images are put back in order
     once (`routing.assemble`). Nothing is blocked on unless `timings` is given (then it adds
     the seconds of 'predict' = the choose call, and 'routes'). `num_valid`: only the first
-    rows are real (the rest pad a fixed chunk shape: not routed, not returned).
+    rows are real (the rest pad a fixed chunk shape: not routed, not returned). `on_host`:
+    the images are put in order on the host when read (`np.asarray(images)`: the chunks come
+    over as they are and one numpy gather orders them), not on the device: the device
+    assembly compiles once per combination of chunk sizes, which a stream of batches with
+    varying exits keeps meeting (~0.2 s each on our CPU).
     Returns (images (B, H, W, 3) on device, exits (B,) numpy[, pred (B, E) numpy])."""
     params = self.batch_params
     sizes = tuple(bucket_sizes or self.config.routing.bucket_sizes)
@@ -292,7 +297,7 @@ class Engine:
       if timings is not None:
         block(outs[-1])
     t2 = time.perf_counter()
-    images = _assemble(tuple(outs), positions)
+    images = _HostImages(outs, positions) if on_host else _assemble(tuple(outs), positions)
     if timings is not None:
       block(images)
       timings['predict'] = timings.get('predict', 0.0) + (t1 - t0)
@@ -304,6 +309,17 @@ class Engine:
 
 
 _assemble = jax.jit(routing.assemble)
+
+
+class _HostImages:
+  """A batch's chunk outputs, put in order on the host by `np.asarray(...)` (one gather)."""
+
+  def __init__(self, outs: Sequence[Any], positions: np.ndarray):
+    self.outs, self.positions = outs, positions
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    a = np.concatenate([np.asarray(o) for o in self.outs])[self.positions]
+    return a if dtype is None else a.astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
