@@ -77,6 +77,7 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   c.bank.ivf_nprobe = 8          # IVF lists scanned per query (>= nlist: exact)
   c.bank.hnsw_m = 32             # HNSW graph degree
   c.bank.hnsw_ef_search = 64     # HNSW search beam
+  c.bank.faiss_threads = 0       # FAISS OpenMP threads per search (0: all cores; README)
   c.bank.max_per_class = 5000    # FPS cap per class (paper 5000)
   # Inputs per backbone call while building a bank: a fixed compiled shape, so the bank's bits
   # depend on this and on the CPU/GPU kernels, never on build_bank.py's --batch_size.
@@ -249,6 +250,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
        "bank.index='hnsw' is FAISS only: bank.backend 'faiss' or 'auto'")
   for k in ('ivf_nlist', 'ivf_nprobe', 'hnsw_m', 'hnsw_ef_search'):
     need(int(config.bank[k]) >= 1, f'bank.{k}={config.bank[k]}: expected >= 1')
+  need(int(config.bank.faiss_threads) >= 0, 'bank.faiss_threads: expected >= 0 (0: all cores)')
   need(config.bank.max_per_class > 0, 'bank.max_per_class must be > 0')
   need(config.bank.compute_batch > 0,
        f'bank.compute_batch={config.bank.compute_batch}: expected > 0')
