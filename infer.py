@@ -95,6 +95,12 @@ def main(argv):
     batched = FLAGS.labels is not None or (FLAGS['split'].present and FLAGS.index is None
                                            and FLAGS.source_index is None
                                            and FLAGS.driver_index is None and not FLAGS.sweep)
+    if batched:
+      one = [f'--{n}' for n in ('label', 'index', 'source', 'driver', 'source_index',
+                                'driver_index', 'identity', 'verify') if FLAGS[n].present]
+      if one:
+        raise inputs.InferError(f'--labels / --split (batched) and {", ".join(one)} (one '
+                                'input): give one of them')
     if FLAGS.budget is not None:
       given = [f'--{n}' for n in ('threshold', 'rule', 'offset', 'alpha', 'delta', 'thresholds')
                if FLAGS[n].present]
