@@ -87,6 +87,12 @@ def test_auto_backend_resolution():
   np.testing.assert_array_equal(np.asarray(jax.jit(bk.nearest)(bank, q, qc)), want)
   assert bank.host.backend_used == bk.resolve_backend('auto')
   assert bank.host.backend_used == ('faiss' if jax.default_backend() == 'cpu' else 'device')
+  # a thread count for the FAISS search: same neighbours, FAISS's global setting restored
+  import faiss
+  before = faiss.omp_get_max_threads()
+  one = bk.with_index(bank, bk.IndexSpec('flat', faiss_threads=1))
+  np.testing.assert_array_equal(np.asarray(NEAREST(one, q, qc, backend='faiss')), want)
+  assert faiss.omp_get_max_threads() == before
 
 
 def test_faiss_gpu_only_with_gpus_on_a_gpu_platform():
@@ -110,6 +116,9 @@ def test_bad_names_fail_clearly():
     bk.IndexSpec('lsh')
   with pytest.raises(bk.BankError, match='nprobe=0'):
     bk.IndexSpec('ivf', nprobe=0)
+  with pytest.raises(bk.BankError, match='faiss_threads=-1'):
+    bk.IndexSpec(faiss_threads=-1)
+  assert [ix.lists_for(n, 64) for n in (10, 191, 2496, 5000)] == [1, 4, 64, 64]
   c = cfg.load('configs/oasis_synthetic.py')
   assert c.bank.backend == 'auto' and bk.IndexSpec.from_config(c.bank).kind == 'flat'
   with c.unlocked():

@@ -3,16 +3,20 @@ from measurements), the index ('flat' exact | 'ivf' | 'hnsw' approximate), FAISS
 placement, and the device-side IVF (a coarse quantiser per class, two segmented searches).
 
 Why 'auto' picks what it picks (bench/retrieval.py, paper-size bank 122,100 x 1024 in 35
-classes, exact search, ms per input, 2-core AVX2 CPU): device 193 / 28.8, FAISS callback
-112 / 11.6 at batch 1 / 64, so on CPU 'auto' = 'faiss' (1.7-2.5x faster). On GPU / TPU 'auto'
+classes, exact search, ms per input at batch 1 / 64, 2-core AVX2 CPU): idle, device 193 / 28.8
+and FAISS 112 / 11.6 (its default threads); shared with other jobs (load 3.5-6), device
+241 / 35.9, FAISS 451 / 45.9 with 2 threads but 200 / 14.8 with 1 (`faiss_threads=1`). FAISS is
+the fastest on CPU in every run given the right thread count, so on CPU 'auto' = 'faiss'
+(README: 'FIANCEE: bank, branches, exit costs'). On GPU / TPU 'auto'
 = 'device': not measured here (no accelerator was available); the device search is a
 class-segmented matmul that stays on the chip, while the callback pays a device->host->device
 copy of the queries per call (and on TPU there is no FAISS GPU index at all). Rerun the
 bench on such a machine: it prints which backend was faster there.
 
 IVF, shared by both backends: per class, k-means (faiss.Kmeans, fixed seed) with
-min(nlist, class size) centroids; each key belongs to its nearest centroid's list; a query
-scans the `nprobe` lists of its own class nearest to it (nprobe >= lists: exact). FAISS runs
+min(nlist, class size // 39) centroids (at least 1); each key belongs to its nearest
+centroid's list; a query scans the `nprobe` lists of its own class nearest to it (nprobe >=
+lists: exact). FAISS runs
 IndexIVFFlat over those very centroids; the device backend (1) picks the nprobe nearest
 centroids of the query's class with the class-segmented search, (2) searches each probed
 list (a contiguous segment of a list-sorted copy of the keys) with the same segmented search
@@ -59,6 +63,7 @@ class IndexSpec:
   niter: int = 20        # IVF: k-means iterations
   seed: int = 1234       # IVF: k-means seed
   device_tile: int = 8   # IVF, device: queries per matmul tile in the list stage
+  faiss_threads: int = 0  # FAISS OpenMP threads per search (0: FAISS's default, all cores)
 
   def __post_init__(self):
     if self.kind not in INDEX_KINDS:
@@ -66,14 +71,17 @@ class IndexSpec:
     for f in ('nlist', 'nprobe', 'hnsw_m', 'ef_search', 'niter', 'device_tile'):
       if int(getattr(self, f)) < 1:
         raise BankError(f'bank index {f}={getattr(self, f)}: expected >= 1')
+    if int(self.faiss_threads) < 0:
+      raise BankError(f'bank faiss_threads={self.faiss_threads}: expected >= 0 (0: all cores)')
 
   @classmethod
   def from_config(cls, bank_cfg: Any) -> 'IndexSpec':
     """From a config's `bank` section (bank.index, bank.ivf_nlist, bank.ivf_nprobe,
-    bank.hnsw_m, bank.hnsw_ef_search)."""
+    bank.hnsw_m, bank.hnsw_ef_search, bank.faiss_threads)."""
     return cls(kind=bank_cfg.index, nlist=int(bank_cfg.ivf_nlist),
                nprobe=int(bank_cfg.ivf_nprobe), hnsw_m=int(bank_cfg.hnsw_m),
-               ef_search=int(bank_cfg.hnsw_ef_search))
+               ef_search=int(bank_cfg.hnsw_ef_search),
+               faiss_threads=int(bank_cfg.get('faiss_threads', 0)))
 
 
 def resolve_backend(backend: str, platform: str | None = None, index: str = 'flat',
@@ -127,9 +135,17 @@ class FaissGpu:
 
 # ------------------------------------------------------------------------- host (FAISS)
 
+MIN_PER_LIST = 39  # FAISS's k-means wants >= 39 training points per centroid
+
+
+def lists_for(n: int, nlist: int) -> int:
+  """IVF lists of a class of n keys: nlist, fewer for a small class (>= 39 keys per list)."""
+  return max(1, min(nlist, n // MIN_PER_LIST))
+
+
 def kmeans(faiss: Any, x: np.ndarray, spec: IndexSpec) -> np.ndarray:
-  """Centroids (min(nlist, len(x)), D) of one class's keys."""
-  k = min(spec.nlist, x.shape[0])
+  """Centroids (lists_for(len(x), nlist), D) of one class's keys."""
+  k = lists_for(x.shape[0], spec.nlist)
   if k == 1:
     return x.mean(0, keepdims=True).astype(np.float32)
   km = faiss.Kmeans(x.shape[1], k, niter=spec.niter, seed=spec.seed, verbose=False)

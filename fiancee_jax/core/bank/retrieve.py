@@ -89,7 +89,20 @@ class BankHost:
     return self._all
 
   def search(self, queries: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Nearest key id of each query among the keys of its class (host, FAISS)."""
+    """Nearest key id of each query among the keys of its class (host, FAISS), with
+    `index.faiss_threads` OpenMP threads when set (restored after)."""
+    n = self.index.faiss_threads
+    if not n:
+      return self._search(queries, classes)
+    faiss = _import_faiss()
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+      return self._search(queries, classes)
+    finally:
+      faiss.omp_set_num_threads(old)
+
+  def _search(self, queries: np.ndarray, classes: np.ndarray) -> np.ndarray:
     d = queries.shape[-1]
     q = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, d))
     c = np.asarray(classes).reshape(-1)
