@@ -67,6 +67,15 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   c.branches.log_every = 10
   c.branches.sample_every = 200
   c.branches.ckpt_every = 200
+  # How a branch starts: 'random' (the paper) | 'backbone' (every weight the branch shares
+  # with the backbone blocks it mirrors copied from the trained backbone, channels sliced:
+  # `BranchLosses.from_backbone`).
+  c.branches.init = 'random'
+  # Steps of distillation before the adversarial phase (Eq. S1 / S3): the branch loss without
+  # discriminators (distill_l1 * L1 + the perceptual terms vs the backbone image), no
+  # discriminator update. 0 = the paper (adversarial from the first step).
+  c.branches.warmup_steps = 0
+  c.branches.distill_l1 = 10.0
 
   c.bank = ml_collections.ConfigDict()
   # 'auto' (the faster per platform, measured: FAISS on CPU, device on GPU/TPU; core/bank/index.py)
@@ -242,6 +251,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(d.height > 0 and d.width > 0, f'data resolution {d.height}x{d.width} must be positive')
   need(b.sf > 0 and b.sf <= 1, f'branches.sf={b.sf}: expected 0 < sf <= 1')
   need(b.min_channels > 0, f'branches.min_channels={b.min_channels}: expected > 0')
+  need(b.init in ('random', 'backbone'),
+       f"branches.init={b.init!r}: expected 'random' or 'backbone'")
+  need(0 <= b.warmup_steps, f'branches.warmup_steps={b.warmup_steps}: expected >= 0')
+  need(b.distill_l1 >= 0, f'branches.distill_l1={b.distill_l1}: expected >= 0')
   need(config.bank.backend in ('auto', 'device', 'faiss'),
        f"bank.backend={config.bank.backend!r}: expected 'auto', 'device' or 'faiss'")
   need(config.bank.index in ('flat', 'ivf', 'hnsw'),

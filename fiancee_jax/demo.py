@@ -24,7 +24,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ('data', 'backbone', 'bank', 'branches', 'predictor', 'report')
+STAGES = ('data', 'backbone', 'bank', 'branches', 'branches_nobank', 'predictor', 'report')
+# What `--from DIR` copies into the workdir when it lacks it: stage -> path under a workdir.
+SHIPPED = {'backbone': ('checkpoints', 'backbone'), 'bank': ('bank',),
+           'branches': ('checkpoints', 'branches'),
+           'branches_nobank': ('checkpoints', 'branches_nobank')}
 
 
 def _latest_step(workdir: str, stage: str) -> int | None:
@@ -38,8 +42,9 @@ def stage_done(config: Any, workdir: str, stage: str) -> bool:
   from fiancee_jax import workdir as wd  # noqa: PLC0415
   if stage == 'data':
     return False  # prepare() itself is idempotent and cheap when done
-  if stage in ('backbone', 'branches', 'predictor'):
+  if stage in ('backbone', 'branches', 'branches_nobank', 'predictor'):
     want = {'backbone': config.train.num_steps, 'branches': config.branches.num_steps,
+            'branches_nobank': config.branches.num_steps,
             'predictor': config.predictor.num_steps}[stage]
     step = _latest_step(workdir, stage)
     return step is not None and step >= want
@@ -61,8 +66,35 @@ def _command(stage: str, config_arg: Sequence[str], workdir: str) -> list[str]:
   if stage == 'bank':
     return [py, os.path.join(REPO, 'build_bank.py'), *config_arg, f'--workdir={workdir}',
             '--verbosity=-1']
+  if stage == 'branches_nobank':   # the unguided ablation (Fig. 8)
+    return [py, os.path.join(REPO, 'train.py'), *config_arg,
+            '--config.branches.use_bank=False', f'--workdir={workdir}', '--stage=branches',
+            '--verbosity=-1']
   return [py, os.path.join(REPO, 'train.py'), *config_arg, f'--workdir={workdir}',
           f'--stage={stage}', '--verbosity=-1']
+
+
+def _copy_shipped(stage: str, shipped: dict[str, str], workdir: str) -> str | None:
+  """Copy `stage`'s shipped output (`shipped[stage]` = a workdir holding it) into `workdir`
+  when `workdir` has none of it yet; returns the source copied, or None."""
+  src_root = shipped.get(stage)
+  if not src_root or stage not in SHIPPED:
+    return None
+  dst = os.path.join(workdir, *SHIPPED[stage])
+  if os.path.exists(dst) and os.listdir(dst):
+    return None
+  src = os.path.join(src_root, *SHIPPED[stage])
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f'shipped {stage}: no {src} (expected the output of that stage '
+                            f'under {src_root})')
+  tmp = dst + '.copying'
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.copytree(src, tmp)
+  if os.path.isdir(dst):
+    os.rmdir(dst)                     # empty (checked above)
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  os.replace(tmp, dst)
+  return src
 
 
 def headline(summary: dict[str, Any]) -> str:
@@ -75,8 +107,11 @@ def headline(summary: dict[str, Any]) -> str:
 
 
 def run(config: Any, workdir: str, config_arg: Sequence[str], *,
-        backbone_from: str | None = None, stages: Sequence[str] = STAGES) -> dict[str, Any]:
-  """Run the missing stages; returns the report summary."""
+        backbone_from: str | None = None, branches_from: str | None = None,
+        stages: Sequence[str] = STAGES) -> dict[str, Any]:
+  """Run the missing stages; returns the report summary. `backbone_from`: a workdir whose
+  backbone checkpoint is copied in; `branches_from`: one whose bank and branches (guided and
+  unguided) are copied in (shipped: `assets/`), so only the predictor and the report run."""
   from fiancee_jax import data, registry  # noqa: PLC0415
   from fiancee_jax import workdir as wd  # noqa: PLC0415
   from fiancee_jax.infer import sweep  # noqa: PLC0415
@@ -84,12 +119,19 @@ def run(config: Any, workdir: str, config_arg: Sequence[str], *,
   os.makedirs(workdir, exist_ok=True)
   t_all = time.perf_counter()
   summary = None
+  shipped = {'backbone': backbone_from, 'bank': branches_from, 'branches': branches_from,
+             'branches_nobank': branches_from}
   for i, stage in enumerate(stages):
     head = f'[demo {i + 1}/{len(stages)}] {stage}'
     if stage_done(config, workdir, stage):
       print(f'{head}: done already in {workdir}, reused', flush=True)
       continue
     t0 = time.perf_counter()
+    src = _copy_shipped(stage, shipped, workdir)
+    if src:
+      print(f'{head}: copied the shipped {src}', flush=True)
+      if stage_done(config, workdir, stage):
+        continue
     print(f'{head}: running', flush=True)
     if stage == 'data':
       path = data.prepare(config.data, wd.data_dir(config, workdir))
@@ -97,14 +139,6 @@ def run(config: Any, workdir: str, config_arg: Sequence[str], *,
     elif stage == 'report':
       summary = sweep.sweep(bb, workdir)
     else:
-      if stage == 'backbone' and backbone_from and _latest_step(workdir, 'backbone') is None:
-        src = wd.checkpoint_dir(backbone_from, 'backbone')
-        if not os.path.isdir(src):
-          raise FileNotFoundError(f'--backbone_from={backbone_from!r}: no {src}')
-        shutil.copytree(src, wd.checkpoint_dir(workdir, 'backbone'))
-        print(f'{head}: copied the shipped checkpoint {src}', flush=True)
-        if stage_done(config, workdir, stage):
-          continue
       cmd = _command(stage, config_arg, workdir)
       print('  $ ' + ' '.join(cmd), flush=True)
       rc = subprocess.call(cmd, cwd=REPO)
@@ -130,12 +164,15 @@ def main(argv):
   filename = config_flags.get_config_filename(f['config'])
   overrides = config_flags.get_override_values(f['config'])
   config_arg = [f'--config={filename}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
-  run(f.config, f.workdir, config_arg, backbone_from=f.backbone_from)
+  run(f.config, f.workdir, config_arg, backbone_from=f.backbone_from,
+      branches_from=f.branches_from)
 
 
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Where every stage writes.')
   flags.DEFINE_string('backbone_from', None, 'Workdir of a shipped backbone checkpoint.')
+  flags.DEFINE_string('branches_from', None,
+                      'Workdir of a shipped bank + branches (guided and unguided).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

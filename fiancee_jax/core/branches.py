@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from fiancee_jax.config import scaled_width
 
@@ -67,3 +68,16 @@ class Branches(nn.Module):
                guide: jax.Array | None = None, train: bool = False) -> dict[int, jax.Array]:
     """{k: image} for every exit, from the backbone's block features."""
     return {k: self.exit(k, feats[f'block{k}'], ctx, guide, train) for k, _ in self.specs}
+
+
+def copy_overlap(dst: Any, src: Any, fill: float = 0.0) -> np.ndarray:
+  """A `dst`-shaped array holding `src`'s leading block along every axis (channel slicing,
+  as slimmable / once-for-all networks take a narrower layer from a wider one) and `fill`
+  where `dst` is the wider one (e.g. a branch's extra guide-input channels)."""
+  dst, src = np.asarray(dst), np.asarray(src)
+  if dst.ndim != src.ndim:
+    raise ValueError(f'copy_overlap: rank {dst.ndim} {dst.shape} vs source {src.shape}')
+  out = np.full(dst.shape, fill, dst.dtype)
+  idx = tuple(slice(0, min(a, b)) for a, b in zip(dst.shape, src.shape))
+  out[idx] = src[idx]
+  return out

@@ -20,6 +20,7 @@ import flax
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 from jax import lax
 
@@ -318,3 +319,32 @@ class SPADEResBlock(nn.Module):
     dx = conv(self.fout, 3, True, 'conv_1')(
         nn.leaky_relu(spade(fmiddle, 'norm_1')(dx, seg, train), 0.2), train)
     return x_s + dx
+
+
+def sn_power_iterate(params: dict, collections: dict, iters: int = 50, eps: float = 1e-12,
+                     only: Any = None) -> dict:
+  """`collections` with spectral-norm (u, v) pairs set by `iters` power iterations on their
+  kernels in `params`, starting from the stored u (same layout as
+  `torch_default_scale_sn_kernels`): after kernels are replaced wholesale (a branch sliced
+  from the backbone), W / (u^T W v) is their spectral normalisation again instead of one from
+  vectors of other kernels. `only`: the module paths (tuples, without the collection name)
+  to redo; default all."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  spectral = flax.traverse_util.flatten_dict(
+      flax.core.unfreeze(collections.get(SN_COLLECTION, {})))
+  out = dict(spectral)
+  for path in spectral:
+    if path[-1] != 'u' or (only is not None and path[:-1] not in only):
+      continue
+    k = np.asarray(flat[path[:-1] + ('kernel',)], np.float64)
+    w = k.reshape(-1, k.shape[-1]).T                    # (out, kh*kw*in), as SNConv
+    u = np.asarray(spectral[path], np.float64)
+    u = u / max(np.linalg.norm(u), eps)
+    for _ in range(iters):
+      v = w.T @ u
+      v = v / max(np.linalg.norm(v), eps)
+      u = w @ v
+      u = u / max(np.linalg.norm(u), eps)
+    dt = np.asarray(spectral[path]).dtype
+    out[path], out[path[:-1] + ('v',)] = u.astype(dt), v.astype(dt)
+  return {**collections, SN_COLLECTION: flax.traverse_util.unflatten_dict(out)}

@@ -96,6 +96,16 @@ class BranchLosses(Protocol):
                 ) -> tuple[Array, tuple[PyTree, dict[str, Array]]]:
     """(per-copy discriminator loss (E,), (new state_d, per-exit metrics)); fakes detached."""
 
+  def distill_loss(self, fakes: Array, target: Array, aux: dict, frozen: PyTree,
+                   axis_name: str | None) -> tuple[Array, dict[str, Array]]:
+    """Warm-up (branches.warmup_steps): (per-exit loss (E,), per-exit metrics) without
+    discriminators."""
+
+  def from_backbone(self, variables_b: PyTree, gen_vars: PyTree) -> PyTree:
+    """branches.init='backbone': fresh branch variables ({'params', 'batch_stats', ...}) with
+    what they share with the generator blocks they mirror copied from the trained backbone
+    variables (channels sliced). Optional: an adapter without it rejects that init."""
+
   def sample_inputs(self, src: Any) -> tuple[tuple, tuple]:
     """Fixed training sample rows: (route inputs, what the grid shows beside the images)."""
 
@@ -210,8 +220,10 @@ def disc_template(backbone: Backbone) -> tuple[PyTree, PyTree]:
 
 
 def create_train_state(backbone: Backbone, models: Models, disc: tuple[PyTree, PyTree],
-                       rng: jax.Array | None = None) -> BranchTrain:
-  """Fresh branches + one copy of the backbone discriminator per exit (host arrays)."""
+                       rng: jax.Array | None = None, generator: PyTree = None) -> BranchTrain:
+  """Fresh branches + one copy of the backbone discriminator per exit (host arrays);
+  branches.init='backbone' slices the branches from `generator` (the frozen backbone
+  variables; `BranchLosses.from_backbone`)."""
   config = backbone.config
   rng = jax.random.PRNGKey(config.seed + 7) if rng is None else rng
   k_b, k_train = jax.random.split(rng)
@@ -219,6 +231,12 @@ def create_train_state(backbone: Backbone, models: Models, disc: tuple[PyTree, P
   b_vars = jax.jit(functools.partial(pl.init_branches, backbone, local))(k_b)
   params_b, state_b = split_variables(b_vars)
   params_b = models.losses.init_params(params_b, state_b)
+  if config.branches.init == 'backbone' and generator is not None:
+    if not hasattr(models.losses, 'from_backbone'):
+      raise BranchStageError(f"branches.init='backbone': the {backbone.name} adapter cannot "
+                             "slice branches from its backbone; use branches.init='random'")
+    params_b, state_b = split_variables(models.losses.from_backbone(
+        {'params': params_b, **state_b}, jax.device_get(generator)))
   e = len(models.exits)
   stack = lambda t: jax.tree.map(lambda x: np.stack([np.asarray(x)] * e), t)  # noqa: E731
   params_d, state_d = stack(disc[0]), stack(dict(disc[1]))
@@ -243,8 +261,11 @@ def frozen_forward(models: Models, frozen: Frozen, inputs: tuple
 
 
 def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Models,
-               axis_name: str | None = parallel.AXIS) -> tuple[BranchState, dict]:
-  """One iteration on this device's share of the batch: branch update, then D update."""
+               axis_name: str | None = parallel.AXIS, adversarial: bool = True
+               ) -> tuple[BranchState, dict]:
+  """One iteration on this device's share of the batch: branch update, then D update.
+  `adversarial=False` (the warm-up steps): the branch update on `BranchLosses.distill_loss`
+  only; the discriminator copies and their optimiser state pass through unchanged."""
   tr, fr = state.train, state.frozen
   losses = models.losses
   inputs, aux = losses.step_inputs(batch, tr.rng, tr.step, axis_name)
@@ -256,8 +277,12 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
     imgs, new_sb = models.branches.apply({'params': params_b, **tr.state_b}, feats, ctx,
                                          guide, True, mutable=list(tr.state_b))
     fakes = jnp.stack([imgs[k] for k in models.exits])
-    totals, (sd, parts) = losses.branch_loss(fakes, target, aux, tr.params_d, tr.state_d,
-                                             fr.losses, axis_name)
+    if adversarial:
+      totals, (sd, parts) = losses.branch_loss(fakes, target, aux, tr.params_d, tr.state_d,
+                                               fr.losses, axis_name)
+    else:
+      (totals, parts), sd = losses.distill_loss(fakes, target, aux, fr.losses,
+                                                axis_name), tr.state_d
     return jnp.sum(totals), ({**tr.state_b, **new_sb}, sd, fakes, parts)
 
   (b_total, (state_b, state_d, fakes, b_parts)), b_grads = jax.value_and_grad(
@@ -271,9 +296,11 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
     totals, (sd, parts) = losses.disc_loss(params_d, state_d, fakes, target, aux, axis_name)
     return jnp.sum(totals), (sd, parts)
 
-  (_, (state_d, d_parts)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(tr.params_d)
-  d_updates, opt_d = models.tx_d.update(pmean(d_grads), tr.opt_d, tr.params_d)
-  params_d = optax.apply_updates(tr.params_d, d_updates)
+  params_d, opt_d, d_parts = tr.params_d, tr.opt_d, {}
+  if adversarial:
+    (_, (state_d, d_parts)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(params_d)
+    d_updates, opt_d = models.tx_d.update(pmean(d_grads), opt_d, params_d)
+    params_d = optax.apply_updates(params_d, d_updates)
 
   lr = models.lr(tr.step) if callable(models.lr) else models.lr
   metrics = {'b_total': b_total, 'lr': jnp.asarray(lr, jnp.float32)}
@@ -284,8 +311,8 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
   return state.replace(train=new_train), pmean(metrics)
 
 
-def make_step(models: Models) -> Callable[..., tuple[BranchState, dict]]:
-  return functools.partial(train_step, models=models)
+def make_step(models: Models, adversarial: bool = True) -> Callable[..., tuple[BranchState, dict]]:
+  return functools.partial(train_step, models=models, adversarial=adversarial)
 
 
 def saved(host: BranchTrain) -> dict:
@@ -339,6 +366,7 @@ def train_and_evaluate(backbone: Backbone, workdir: str, *,
   stage = wd.branches_stage(models.use_bank)
   frozen, g_meta = load_frozen(backbone, workdir, models)
   dp = parallel.wrap(make_step(models), config.parallel)
+  warm = parallel.wrap(make_step(models, adversarial=False), config.parallel)
   parallel.check_batch_size(b.batch_size, dp.num_devices, 'branches.batch_size')
   pcount, pindex = jax.process_count(), jax.process_index()
   is_chief = pindex == 0
@@ -353,13 +381,18 @@ def train_and_evaluate(backbone: Backbone, workdir: str, *,
   try:
     loader_state = None
     if ckpt.latest_step() is not None:
+      if 'exported' in ckpt.read_meta():
+        raise BranchStageError(
+            f'{ckpt.directory} holds an exported checkpoint (branch variables only, e.g. '
+            'copied from assets/): later stages use it, but it cannot resume training; to '
+            'train further, move it away and train from scratch')
       template = create_train_state(backbone, models, disc_template(backbone))
       restored, meta = ckpt.restore(saved(template))
       host, loader_state = restored['train'], meta.get('data')
       print(f'[{stage}] resumed from {ckpt.directory} at step {int(host.step)}', flush=True)
     else:
-      host = create_train_state(backbone, models,
-                                load_backbone_discriminator(backbone, workdir))
+      host = create_train_state(backbone, models, load_backbone_discriminator(backbone, workdir),
+                                generator=frozen.generator)
     loader = models.losses.train_loader(train_src, b.batch_size, seed=config.seed + 11,
                                         state=loader_state, process_index=pindex,
                                         process_count=pcount)
@@ -368,10 +401,15 @@ def train_and_evaluate(backbone: Backbone, workdir: str, *,
     sample_fn = images_fn(backbone, models.use_bank)
     start = int(host.step)
     extra = {'backbone_step': g_meta.get('step'), 'use_bank': models.use_bank,
-             'num_steps': int(b.num_steps)}
+             'num_steps': int(b.num_steps), 'init': str(b.init),
+             'warmup_steps': int(b.warmup_steps)}
+
+    done = [start]   # steps taken: the first branches.warmup_steps distil (train_step)
 
     def step_fn(state):
-      return dp(state, dp.put_batch(next(it)))
+      fn = warm if done[0] < int(b.warmup_steps) else dp
+      done[0] += 1
+      return fn(state, fn.put_batch(next(it)))
 
     def snapshot(step, state, write_samples, write_ckpt):
       host_now = dp.get_state(state.train)

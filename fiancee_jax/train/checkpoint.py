@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -153,6 +153,34 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def export(workdir: str, stage: str, dest_workdir: str, keep: Sequence[str]) -> str:
+  """Copy the latest `stage` checkpoint of `workdir` into `dest_workdir` with only the entries
+  `keep` of its state (e.g. the branch variables later stages load, without the optimiser
+  and discriminator states): an artifact small enough to ship. The metadata is kept, with
+  'exported' = keep; such a checkpoint feeds the later stages but cannot resume training.
+  Returns the written step's directory."""
+  src = Checkpointer(workdir, stage, None, read_only=True)
+  try:
+    step = src.latest_step()
+    if step is None:
+      raise CheckpointError(f'no {stage} checkpoint in {src.directory}')
+    meta = src.read_meta(step)
+    state = src.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+  finally:
+    src.close()
+  missing = [k for k in keep if k not in state]
+  if missing:
+    raise CheckpointError(f'{src.directory}/{step}: no {missing} in its state '
+                          f'(entries {sorted(state)})')
+  dest = Checkpointer(dest_workdir, stage, None, keep=1)
+  try:
+    dest.save(step, {k: state[k] for k in keep}, {**meta, 'exported': list(keep)})
+  finally:
+    dest.close()
+  return os.path.join(dest.directory, str(step))
 
 
 def with_stage(workdir: str, stage: str, config: ml_collections.ConfigDict, keep: int,

@@ -76,3 +76,28 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
   shutil.rmtree(os.path.join(wdir.checkpoint_dir(str(tmp_path), 'backbone'), '1', 'state'))
   with pytest.raises(checkpoint.CheckpointError, match='cannot restore checkpoint'):
     checkpoint.restore_latest(str(tmp_path), 'backbone', _item(_state()), c)
+
+
+def test_export_keeps_only_the_named_entries_and_the_meta(tmp_path):
+  """What `assets/` ships: the branch variables and the metadata, not the training state."""
+  c = _config()
+  src, dst = str(tmp_path / 'src'), str(tmp_path / 'dst')
+  ck = checkpoint.Checkpointer(src, 'branches', c)
+  variables = {'params': {'w': np.arange(6.0).reshape(2, 3)}}
+  ck.save(5, {'train': _item(_state()), 'branches': variables}, {'data': {'epoch': 1}})
+  ck.close()
+  path = checkpoint.export(src, 'branches', dst, keep=('branches',))
+  assert path.endswith(os.path.join('branches', '5'))
+  out = checkpoint.Checkpointer(dst, 'branches', c, read_only=True)
+  try:
+    meta = out.read_meta()
+    state = out.manager.restore(5, args=checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardRestore()))['state']
+  finally:
+    out.close()
+  assert sorted(state) == ['branches']
+  np.testing.assert_array_equal(state['branches']['params']['w'], variables['params']['w'])
+  assert meta['exported'] == ['branches'] and meta['data'] == {'epoch': 1}
+  assert meta['model_hash'] == cfg.config_hash(c)
+  with pytest.raises(checkpoint.CheckpointError, match='no .*nothing'):
+    checkpoint.export(src, 'branches', str(tmp_path / 'x'), keep=('nothing',))

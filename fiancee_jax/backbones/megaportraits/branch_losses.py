@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -112,6 +113,24 @@ class HeadsBranchLosses:
 
     totals, parts = per_copy(exit_loss, params_d, fakes)
     return totals, (state_d, parts)
+
+  def distill_loss(self, fakes, target, aux, frozen, axis_name):
+    """Warm-up: Eq. S3's reconstruction terms vs the backbone image on the foreground (VGG19
+    and MS-SSIM at train.loss_weights, L1 at branches.distill_l1), no discriminator."""
+    mask, w = aux['mask'], self.weights
+    l1_w = float(self.config.branches.distill_l1)
+
+    def one(fake):
+      m = {'l1': losses.masked_l1(fake, target, mask, axis_name=axis_name)}
+      if w.get('vgg', 0.0) > 0:
+        m['vgg'] = losses.masked_vgg(frozen['vgg'], fake, target, mask)
+      if w.get('ms_ssim', 0.0) > 0:
+        m['ms_ssim'] = losses.masked_ms_ssim(fake, target, mask)
+      return l1_w * m['l1'] + sum(w[k] * v for k, v in m.items() if k != 'l1'), m
+
+    outs = [one(fakes[i]) for i in range(fakes.shape[0])]
+    return (jnp.stack([t for t, _ in outs]),
+            {k: jnp.stack([m[k] for _, m in outs]) for k in outs[0][1]})
 
   def disc_loss(self, params_d, state_d, fakes, target, aux, axis_name):
     real = {'driver': target, 'mask': aux['mask']}   # d_loss: real = the backbone image

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax import lax
 
 from fiancee_jax.backbones.oasis import discriminator as discriminator_lib
 from fiancee_jax.backbones.oasis import losses
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.metrics import vgg_loss as vgg_lib
-from fiancee_jax.nn.layers import torch_default_scale_sn_kernels
+from fiancee_jax.core.branches import copy_overlap
+from fiancee_jax.nn.layers import SN_COLLECTION, sn_power_iterate, torch_default_scale_sn_kernels
 from fiancee_jax.train import logging as tlog
 from fiancee_jax.train.state import adam, per_copy
 
@@ -66,6 +69,41 @@ class OASISBranchLosses:
       return torch_default_scale_sn_kernels(params_b, state_b)
     return params_b
 
+  def from_backbone(self, variables_b: PyTree, gen_vars: PyTree) -> PyTree:
+    """branches.init='backbone': branch k's block i mirrors generator block k+1+i
+    (`body_{k+i}`), so every weight and BN statistic they share is copied with its channels
+    sliced (`core.branches.copy_overlap`; zeros on the guide-input channels, which start
+    unused); conv_img is the generator's. Where the generator block has the identity
+    shortcut and the narrower branch block a 1x1 conv_s, conv_s starts as the identity on the
+    leading channels and norm_s as plain BN with the statistics of the block's norm_0 (same
+    input). guide_conv keeps its init. Spectral-norm vectors are then recomputed
+    (`nn.layers.sn_power_iterate`)."""
+    flat_g = traverse_util.flatten_dict(flax.core.unfreeze(gen_vars))
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(variables_b))
+    out, redo = {}, set()
+    for path, leaf in flat.items():
+      coll, name, mod, *rest = path
+      k = int(name.rsplit('_', 1)[1])
+      src_mod = f'body_{k + int(mod[5:])}' if mod.startswith('body_') else mod
+      src = flat_g.get((coll, src_mod, *rest))
+      fill = 1.0 if rest[-1] == 'var' else 0.0
+      if coll == SN_COLLECTION and (src is None or np.shape(src) != np.shape(leaf)):
+        redo.add(path[1:-1])              # sliced kernel: its own power iteration below
+      if src is not None:
+        out[path] = copy_overlap(leaf, src, fill)
+      elif rest[0] == 'conv_s' and coll == 'params':   # generator block: identity shortcut
+        out[path] = copy_overlap(leaf, np.eye(leaf.shape[2], dtype=leaf.dtype)[None, None])
+      elif rest[0] == 'norm_s' and coll == 'batch_stats':
+        out[path] = copy_overlap(leaf, flat_g[(coll, src_mod, 'norm_0', *rest[1:])], fill)
+      elif rest[0] == 'norm_s' and coll == 'params':
+        out[path] = np.zeros_like(leaf)   # gamma = beta = 0: plain BN
+      else:
+        out[path] = np.asarray(leaf)      # guide_conv, SN vectors without a source
+    new = traverse_util.unflatten_dict(out)
+    if SN_COLLECTION in new:
+      new = sn_power_iterate(new['params'], new, only=redo)
+    return new
+
   def frozen(self) -> dict[str, PyTree]:
     """LPIPS (VGG16) weights, and the VGG19 trunk when branches.alpha_vgg > 0."""
     vgg = None
@@ -106,18 +144,29 @@ class OASISBranchLosses:
                                        mutable=list(coll))
     return logits, {**coll, **new}
 
-  def branch_loss(self, fakes, target, aux, params_d, state_d, frozen, axis_name):
+  def _perceptual(self, fakes, target, frozen):
+    """(alpha * VGG19 + beta * LPIPS per exit, their terms); the backbone image's features
+    once for all exits."""
     b = self.config.branches
     alpha, beta = float(b.alpha_vgg), float(b.beta_lpips)
-    e = fakes.shape[0]
-    logits, sd = per_copy(self._disc, params_d, state_d, fakes)
-    # The backbone image's LPIPS / VGG features once for all exits.
     lp = jnp.mean(lpips_lib.to_reference(frozen['lpips'], target, fakes), axis=1)
     vg = (vgg_lib.to_reference(frozen['vgg'], target, fakes, self.vgg_mode)
-          * vgg_lib.loss_scale(self.vgg_mode) if alpha > 0 else jnp.zeros(e))
+          * vgg_lib.loss_scale(self.vgg_mode) if alpha > 0 else jnp.zeros(fakes.shape[0]))
+    return alpha * vg + beta * lp, {'vgg': vg, 'lpips': lp}
+
+  def branch_loss(self, fakes, target, aux, params_d, state_d, frozen, axis_name):
+    e = fakes.shape[0]
+    logits, sd = per_copy(self._disc, params_d, state_d, fakes)
+    perc, parts = self._perceptual(fakes, target, frozen)
     adv = jnp.stack([losses.n1_cross_entropy(logits[i], aux['labels'], for_real=True,
                                              weights=aux['weights']) for i in range(e)])
-    return adv + alpha * vg + beta * lp, (sd, {'adv': adv, 'vgg': vg, 'lpips': lp})
+    return adv + perc, (sd, {'adv': adv, **parts})
+
+  def distill_loss(self, fakes, target, aux, frozen, axis_name):
+    """Warm-up: branches.distill_l1 * L1 + Eq. S1's perceptual terms, no discriminator."""
+    l1 = jnp.mean(jnp.abs(fakes - target[None]), axis=(1, 2, 3, 4))
+    perc, parts = self._perceptual(fakes, target, frozen)
+    return float(self.config.branches.distill_l1) * l1 + perc, {'l1': l1, **parts}
 
   def disc_loss(self, params_d, state_d, fakes, target, aux, axis_name):
     lam = float(self.config.train.labelmix_lambda)
