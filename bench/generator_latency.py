@@ -100,7 +100,8 @@ def bench_config(path: str, batches: list[int], repeats: int, routed: dict | Non
     t_jax = _median_time(lambda: fwd(variables, s_j, z_j).block_until_ready(), repeats)
     with torch.no_grad():
       t_torch = _median_time(lambda: ref(s_t, z_t), repeats)
-      t_comp = _median_time(lambda: compiled(s_t, z_t), repeats) if compiled else None
+      t_comp = (_median_time(lambda: compiled(s_t, z_t), repeats) if compiled is not None
+                else None)
       diff = float(np.abs(np.asarray(fwd(variables, s_j, z_j)) -
                           ref(s_t, z_t).numpy().transpose(0, 2, 3, 1)).max())
     row = {'name': 'oasis_generator_latency', 'config': path, 'batch': b,

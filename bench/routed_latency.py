@@ -11,7 +11,7 @@ rows), per batch size: wall-clock ms per image of routed inference (batch 1:
 vs the backbone alone on the same inputs; the speed-up, the ideal one (backbone GMACs / the
 routed inputs' mean GMACs) and their ratio. At batch 1 also the routing overhead: prefix +
 predictor + exit choice (one jitted call), and the bank retrieval, as shares of the cheapest
-route's time (the whole route: prefix, blocks, retrieval, branch). One JSON line per figure,
+route's time. Routed and backbone calls are timed in alternation (medians) (the whole route: prefix, blocks, retrieval, branch). One JSON line per figure,
 the machine named (`engine.device_name()`). Without a trained workdir it says so and exits 1.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 
 import numpy as np
 
@@ -95,20 +96,36 @@ def main() -> None:
   def timed(fn):
     return engine_lib.time_fn(fn, a.repeats, warmup=1)
 
+  def paired(fa, fb):
+    """Medians of fa and fb timed in alternation (A B A B ...): load that drifts on a shared
+    machine hits both alike."""
+    engine_lib.block(fa())
+    engine_lib.block(fb())
+    ta, tb = [], []
+    for _ in range(a.repeats):
+      for fn, out in ((fa, ta), (fb, tb)):
+        t0 = time.perf_counter()
+        engine_lib.block(fn())
+        out.append(time.perf_counter() - t0)
+    return float(np.median(ta)), float(np.median(tb))
+
   for b in batches:
     if b == 1:
       routed, backbone, taken = [], [], []
       for i in range(a.inputs_batch1):
         x = tuple(jnp.asarray(v[i:i + 1]) for v in inputs)
-        routed.append(timed(lambda x=x: eng.routed_one(params, x, t32, c32, o32)))
-        backbone.append(timed(lambda x=x: eng.routes[-1](params, *x)))
+        r_i, b_i = paired(lambda x=x: eng.routed_one(params, x, t32, c32, o32),
+                          lambda x=x: eng.routes[-1](params, *x))
+        routed.append(r_i)
+        backbone.append(b_i)
         taken.append(int(eng.routed_one(params, x, t32, c32, o32)[1]['exit']))
       r_s, b_s = float(np.mean(routed)), float(np.mean(backbone))
       exits = np.asarray(taken)
     else:
       x = tuple(jnp.asarray(v[:b]) for v in inputs)
-      r_s = timed(lambda x=x: eng.routed_batch(x, a.threshold, off)[0]) / b
-      b_s = timed(lambda x=x: eng.routes[-1](params, *x)) / b
+      r_s, b_s = paired(lambda x=x: eng.routed_batch(x, a.threshold, off)[0],
+                        lambda x=x: eng.routes[-1](params, *x))
+      r_s, b_s = r_s / b, b_s / b
       exits = eng.routed_batch(x, a.threshold, off)[1]
       parts = {}
       for _ in range(a.repeats):
