@@ -3,6 +3,8 @@ random generator, branches and predictor, which is all routing needs): images of
 its route composed by hand, the prefix never recomputed, inputs sharded over the local
 devices (the test session has 4 fake CPU devices), ahead-of-time programs used, budget mode
 within its budget."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,23 +93,46 @@ def test_sharded_over_local_devices(eng):
   assert len(pre.x.sharding.device_set) == n and len(pred_d.sharding.device_set) == n
 
 
-def test_warm_compiles_ahead_of_time(eng):
+def _compiled_names(caplog, fn):
+  """Names of the jitted functions XLA compiled while fn() ran (jax_log_compiles)."""
+  caplog.clear()
+  jax.config.update('jax_log_compiles', True)
+  try:
+    with caplog.at_level(logging.WARNING):
+      fn()
+  finally:
+    jax.config.update('jax_log_compiles', False)
+  return {m.split('compilation of jit(')[1].split(')')[0] for m in caplog.messages
+          if 'XLA compilation of jit(' in m}
+
+
+def test_warm_compiles_ahead_of_time(eng, caplog):
+  """After `warm`, routing a batch of the warmed size and one input compiles none of the
+  engine's routed programs (the executables `.lower().compile()` made are used); without it,
+  the same calls compile them."""
+  z = _z(eng, 8, seed=1)
+  t, off, _ = _spread(eng, z)
+  c32 = jnp.asarray(eng.costs, jnp.float32)
+
+  def route():
+    images, exits = e2.routed_batch((z,), t, off, bucket_sizes=(1, 4))
+    image, aux = e2.routed_one(e2.params, (jnp.asarray(z[:1]),), jnp.float32(t), c32,
+                               jnp.float32(off))
+    out.append((np.asarray(images), exits, np.asarray(image), int(aux['exit'])))
+
+  ours = {'choose', 'from_prefix', 'routed_one'}
+  out = []
+  e2 = engine_lib.Engine(eng.pipeline)
+  assert ours <= _compiled_names(caplog, route)        # cold: compiled at the first call
   e2 = engine_lib.Engine(eng.pipeline)
   assert e2.warm(batch=8, bucket_sizes=(1, 4)) > 0
   assert len(e2.choose.compiled) == 1 and all(len(f.compiled) == 2 for f in e2.from_prefix)
-  z = _z(e2, 8, seed=1)
-  t, off, _ = _spread(e2, z)
-  images, exits = e2.routed_batch((z,), t, off, bucket_sizes=(1, 4))
-  np.asarray(images)
-  # every call went through the compiled executables: jit never traced
-  assert e2.choose.jit._cache_size() == 0
-  assert all(f.jit._cache_size() == 0 for f in e2.from_prefix), exits
-  assert e2.routed_one.jit._cache_size() == 0 and len(e2.routed_one.compiled) == 1
-  image, aux = e2.routed_one(e2.params, (jnp.asarray(z[:1]),), jnp.float32(t),
-                             jnp.asarray(e2.costs, jnp.float32), jnp.float32(off))
-  assert e2.routed_one.jit._cache_size() == 0
-  np.testing.assert_allclose(np.asarray(image[0]), np.asarray(images[0]), atol=1e-4)
-  assert int(aux['exit']) == int(exits[0])
+  assert not ours & _compiled_names(caplog, route)     # warm: nothing of ours compiled
+  (cold_img, cold_exits, _, _), (images, exits, image, ex) = out
+  np.testing.assert_array_equal(exits, cold_exits)
+  np.testing.assert_allclose(images, cold_img, atol=1e-5)
+  np.testing.assert_allclose(image[0], images[0], atol=1e-4)
+  assert ex == int(exits[0])
 
 
 def test_budget_mode_within_budget(eng):
