@@ -79,7 +79,7 @@ def bench_config(path: str, batches: list[int], repeats: int, routed: dict | Non
   compiled, compile_note = None, 'off (--no_compile)'
   if compile_torch:
     try:
-      compiled = torch.compile(ref)
+      compiled = torch.compile(ref, dynamic=False)  # one static program per batch size
       with torch.no_grad():
         compiled(torch.zeros(1, d.num_classes, d.height, d.width), torch.zeros(1, m.z_dim))
       compile_note = 'ok'
