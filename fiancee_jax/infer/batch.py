@@ -233,7 +233,10 @@ def run(backbone: Backbone, workdir: str, out_dir: str, *, labels: str | None = 
       n_err += len(errors)
       launched = None
       if pairs and warm and not warm_s:   # compiled for the shapes the readers give
-        warm_s = engine.warm(batch=size, like=pairs[0][1].inputs)
+        # the choice call; each route compiles when a chunk first needs it at a bucket size
+        # (warming all of them, 5 routes x 7 buckets on the demo config, would put minutes
+        # of compiles before the first image)
+        warm_s = engine.warm(batch=size, like=pairs[0][1].inputs, routes=False)
       if pairs:
         x = tuple(np.concatenate([req.inputs[j] for _, req in pairs] +
                                  [pairs[-1][1].inputs[j]] * (size - len(pairs)))

@@ -204,13 +204,14 @@ class Engine:
                  for a in like)
 
   def warm(self, batch: int | None = None, bucket_sizes: Sequence[int] | None = None,
-           like: Sequence[Any] | None = None) -> float:
+           like: Sequence[Any] | None = None, routes: bool = True) -> float:
     """Compile ahead of time (`.lower().compile()`): `routed_one` at batch 1; with `batch`,
     also the batched path for chunks of `batch` inputs (`choose`, padded to the device count,
     and every route's `from_prefix` at each bucket size <= batch). `like`: route inputs
     (arrays or shapes, any batch) whose shapes and dtypes the calls will have (default the
     adapter's `abstract_inputs`; OASIS label ids (B, H, W) int32 are another valid form).
-    Returns the seconds."""
+    `routes=False`: the choice call only (the routes then compile at their first use: only
+    the (route, bucket) pairs a stream meets). Returns the seconds."""
     t0 = time.perf_counter()
     (t, c, o) = self._scalars()
     like = tuple(like if like is not None else self.pipeline.backbone.abstract_inputs(1))
@@ -225,7 +226,7 @@ class Engine:
       outs = jax.tree_util.tree_unflatten(tree, [
           jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(leaves, shard)])
       _, _, pre, g = outs
-      for b in bucket_sizes or self.config.routing.bucket_sizes:
+      for b in (bucket_sizes or self.config.routing.bucket_sizes) if routes else ():
         if b <= batch:
           rows = jax.ShapeDtypeStruct((int(b),), jnp.int32)
           for fn in self.from_prefix:
