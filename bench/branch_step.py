@@ -13,10 +13,12 @@ time: one JSON line per step variant (median ms of --repeats after a warm-up cal
     paper           Eq. S1: 4 exits x (D copy + VGG19 + LPIPS) fwd/bwd, then the 4 D updates
     paper_no_vgg19  the same with branches.alpha_vgg = 0 (LPIPS's VGG16 the one trunk)
     distill         warm-up step: L1 + VGG19 + LPIPS vs the backbone image, no discriminator
-    distill_lpips   warm-up step with one trunk (alpha_vgg = 0)
+                    (branches.distill_vgg = alpha_vgg)
+    distill_lpips   warm-up step with one trunk (distill_vgg = 0, the config default)
     frozen_forward  the frozen backbone's part of every step (prefix, guide, blocks, image):
                     the most that caching the backbone's outputs on disk could save
-train: for each (init, objective) option, --train_steps steps from the same start; every
+train: for each (init, objective) option (objective 'paper' = Eq. S1 with VGG19, 'distill' =
+  the warm-up step at the config's distill_vgg), --train_steps steps from the same start; every
   --eval_every steps the mean LPIPS of every exit vs the backbone image on the first
   --num_eval validation maps with fixed noises (one JSON line each, with the seconds spent).
 """
@@ -69,19 +71,19 @@ class Setup:
     return tb.BranchState(train=host, frozen=self.frozen)
 
 
-def _variant_config(config, alpha_vgg: float):
+def _variant_config(config, alpha_vgg: float, distill_vgg: float):
   c = config.copy_and_resolve_references()
-  c.branches.alpha_vgg = alpha_vgg
+  c.branches.alpha_vgg, c.branches.distill_vgg = alpha_vgg, distill_vgg
   return c
 
 
 def time_part(config, workdir: str, repeats: int) -> None:
   base = float(config.branches.alpha_vgg)
-  variants = [('paper', base, True), ('paper_no_vgg19', 0.0, True),
-              ('distill', base, False), ('distill_lpips', 0.0, False)]
+  variants = [('paper', base, 0.0, True), ('paper_no_vgg19', 0.0, 0.0, True),
+              ('distill', base, base, False), ('distill_lpips', base, 0.0, False)]
   results, dev = {}, device_name()
-  for name, alpha, adversarial in variants:
-    s = Setup(_variant_config(config, alpha), workdir)
+  for name, alpha, distill_vgg, adversarial in variants:
+    s = Setup(_variant_config(config, alpha, distill_vgg), workdir)
     dp = parallel.wrap(tb.make_step(s.models, adversarial), 'shard_map')
     batches = [dp.put_batch(b) for b in s.batches(repeats + 1)]
     state = dp.put_state(s.state('random'))

@@ -404,10 +404,10 @@ def train_and_evaluate(backbone: Backbone, workdir: str, *,
              'num_steps': int(b.num_steps), 'init': str(b.init),
              'warmup_steps': int(b.warmup_steps)}
 
-    done = [start]   # steps taken: the first branches.warmup_steps distil (train_step)
+    done = [start]   # steps taken: the first branches.warmup_steps distil (-1: all of them)
 
     def step_fn(state):
-      fn = warm if done[0] < int(b.warmup_steps) else dp
+      fn = warm if b.warmup_steps < 0 or done[0] < int(b.warmup_steps) else dp
       done[0] += 1
       return fn(state, fn.put_batch(next(it)))
 

@@ -31,7 +31,8 @@ def test_branch_step_and_resume(tmp_path_factory, tmp_path):
   bb = registry.get(c)
   stages.build_bank(bb, wd, progress=False)
   seen = []
-  host0 = tb.create_train_state(bb, tb.build_models(bb), tb.load_backbone_discriminator(bb, wd))
+  host0 = tb.create_train_state(bb, tb.build_models(bb), tb.load_backbone_discriminator(bb, wd),
+                                generator=stages.load_backbone(bb, wd)[0])
 
   def hook(step, st, m):
     seen.append((jax.device_get(m), jax.device_get(st.frozen.generator)))
@@ -42,17 +43,20 @@ def test_branch_step_and_resume(tmp_path_factory, tmp_path):
   assert int(state1.step) == 1
   assert all(np.isfinite(float(v)) for v in metrics.values())
   assert 0 < float(metrics['exit1/lpips']) < 2
-  # backbone untouched, branches and discriminators changed
+  # backbone untouched, branches changed; step 1 is the warm-up (tiny: warmup_steps 1), so
+  # the discriminators are still the backbone's
+  assert c.branches.warmup_steps == 1 and 'exit1/l1' in metrics
   g_params, g_coll, _ = checkpoint.load_backbone(wd, c)
   assert _leaves_equal(gen_after, {'params': g_params, **g_coll})
   assert not _leaves_equal(state1.params_b, host0.params_b)
-  for i in range(len(c.branches.exits)):
-    d_i = jax.tree.map(lambda x: x[i], state1.params_d)
-    assert not _leaves_equal(d_i, bb_state.params_d)
-  # resume: the same command continues from step 1
+  assert _leaves_equal(jax.tree.map(lambda x: x[0], state1.params_d), bb_state.params_d)
+  # resume: the same command continues from step 1, with the adversarial step (Eq. S1)
   state2 = tb.train_and_evaluate(bb, wd)
   assert int(state2.step) == 2
   assert not _leaves_equal(state2.params_b, state1.params_b)
+  for i in range(len(c.branches.exits)):
+    d_i = jax.tree.map(lambda x: x[i], state2.params_d)
+    assert not _leaves_equal(d_i, bb_state.params_d)
   p = stages.load_pipeline(bb, wd, stages=('backbone', 'bank', 'branches'))
   assert _leaves_equal(p.params['branches']['params'], state2.params_b)
 

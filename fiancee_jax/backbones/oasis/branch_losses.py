@@ -105,9 +105,11 @@ class OASISBranchLosses:
     return new
 
   def frozen(self) -> dict[str, PyTree]:
-    """LPIPS (VGG16) weights, and the VGG19 trunk when branches.alpha_vgg > 0."""
+    """LPIPS (VGG16) weights, and the VGG19 trunk when a phase weighs it (alpha_vgg,
+    distill_vgg > 0)."""
     vgg = None
-    if self.config.branches.alpha_vgg > 0:
+    b = self.config.branches
+    if b.alpha_vgg > 0 or b.distill_vgg > 0:
       vgg, mode = vgg_lib.load_params()
       if mode != self.vgg_mode:
         raise ValueError(f'VGG19 weights preprocess {mode!r}, the loss was built for '
@@ -144,11 +146,10 @@ class OASISBranchLosses:
                                        mutable=list(coll))
     return logits, {**coll, **new}
 
-  def _perceptual(self, fakes, target, frozen):
+  def _perceptual(self, fakes, target, frozen, alpha):
     """(alpha * VGG19 + beta * LPIPS per exit, their terms); the backbone image's features
     once for all exits."""
-    b = self.config.branches
-    alpha, beta = float(b.alpha_vgg), float(b.beta_lpips)
+    alpha, beta = float(alpha), float(self.config.branches.beta_lpips)
     lp = jnp.mean(lpips_lib.to_reference(frozen['lpips'], target, fakes), axis=1)
     vg = (vgg_lib.to_reference(frozen['vgg'], target, fakes, self.vgg_mode)
           * vgg_lib.loss_scale(self.vgg_mode) if alpha > 0 else jnp.zeros(fakes.shape[0]))
@@ -157,15 +158,16 @@ class OASISBranchLosses:
   def branch_loss(self, fakes, target, aux, params_d, state_d, frozen, axis_name):
     e = fakes.shape[0]
     logits, sd = per_copy(self._disc, params_d, state_d, fakes)
-    perc, parts = self._perceptual(fakes, target, frozen)
+    perc, parts = self._perceptual(fakes, target, frozen, self.config.branches.alpha_vgg)
     adv = jnp.stack([losses.n1_cross_entropy(logits[i], aux['labels'], for_real=True,
                                              weights=aux['weights']) for i in range(e)])
     return adv + perc, (sd, {'adv': adv, **parts})
 
   def distill_loss(self, fakes, target, aux, frozen, axis_name):
-    """Warm-up: branches.distill_l1 * L1 + Eq. S1's perceptual terms, no discriminator."""
+    """Warm-up: branches.distill_l1 * L1 + beta_lpips * LPIPS + distill_vgg * VGG19 vs the
+    backbone image, no discriminator."""
     l1 = jnp.mean(jnp.abs(fakes - target[None]), axis=(1, 2, 3, 4))
-    perc, parts = self._perceptual(fakes, target, frozen)
+    perc, parts = self._perceptual(fakes, target, frozen, self.config.branches.distill_vgg)
     return float(self.config.branches.distill_l1) * l1 + perc, {'l1': l1, **parts}
 
   def disc_loss(self, params_d, state_d, fakes, target, aux, axis_name):
