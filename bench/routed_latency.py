@@ -17,6 +17,7 @@ the machine named (`engine.device_name()`). Without a trained workdir it says so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -76,7 +77,8 @@ def main() -> None:
   offset = rule.offset(a.threshold, costs)
   off = offset if np.isfinite(offset) else (1e9 if offset > 0 else -1e9)
   batches = [int(b) for b in a.batches.split(',')]
-  test = predictor_data.dataset(bb, a.workdir, 'test', p)
+  with contextlib.redirect_stdout(sys.stderr):  # progress lines of a (re)computed split
+    test = predictor_data.dataset(bb, a.workdir, 'test', p)
   base, _ = bb.infer_inputs().from_rows(a.workdir, test)
   n_max = max(max(batches), a.inputs_batch1)
   reps = -(-n_max // len(base[0]))
