@@ -13,6 +13,10 @@ One pure per-device step (`train_step`) for all exits at once:
   * discriminator update: every copy (independent optimiser state) on the backbone's
     discriminator losses, real vs that exit's (detached) image from the branch update: one
     branch forward per step.
+Options (config.branches, off in the paper's configs): init='backbone' starts each branch
+as the trained blocks it mirrors, channels sliced (`BranchLosses.from_backbone`);
+warmup_steps (-1: all) makes the first steps distillation steps (`BranchLosses.distill_loss`,
+no discriminator forward or update), the paper's adversarial steps after them.
 What differs per backbone (losses, optimisers, how a loader batch becomes route inputs, the
 sample rows and grids) is the adapter's `BranchLosses` (`Backbone.branch_losses()`, in
 `backbones/<name>/branch_losses.py`); the protocol is below.
@@ -264,8 +268,7 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
                axis_name: str | None = parallel.AXIS, adversarial: bool = True
                ) -> tuple[BranchState, dict]:
   """One iteration on this device's share of the batch: branch update, then D update.
-  `adversarial=False` (the warm-up steps): the branch update on `BranchLosses.distill_loss`
-  only; the discriminator copies and their optimiser state pass through unchanged."""
+  `adversarial=False` (warm-up): `BranchLosses.distill_loss` only, D copies unchanged."""
   tr, fr = state.train, state.frozen
   losses = models.losses
   inputs, aux = losses.step_inputs(batch, tr.rng, tr.step, axis_name)
@@ -311,7 +314,7 @@ def train_step(state: BranchState, batch: dict[str, jax.Array], *, models: Model
   return state.replace(train=new_train), pmean(metrics)
 
 
-def make_step(models: Models, adversarial: bool = True) -> Callable[..., tuple[BranchState, dict]]:
+def make_step(models: Models, adversarial: bool = True) -> Callable[..., Any]:
   return functools.partial(train_step, models=models, adversarial=adversarial)
 
 
