@@ -26,8 +26,7 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('data', 'backbone', 'bank', 'branches', 'branches_nobank', 'predictor', 'report')
 # What `--from DIR` copies into the workdir when it lacks it: stage -> path under a workdir.
-SHIPPED = {'backbone': ('checkpoints', 'backbone'), 'bank': ('bank',),
-           'branches': ('checkpoints', 'branches'),
+SHIPPED = {'backbone': ('checkpoints', 'backbone'), 'branches': ('checkpoints', 'branches'),
            'branches_nobank': ('checkpoints', 'branches_nobank')}
 
 
@@ -110,8 +109,9 @@ def run(config: Any, workdir: str, config_arg: Sequence[str], *,
         backbone_from: str | None = None, branches_from: str | None = None,
         stages: Sequence[str] = STAGES) -> dict[str, Any]:
   """Run the missing stages; returns the report summary. `backbone_from`: a workdir whose
-  backbone checkpoint is copied in; `branches_from`: one whose bank and branches (guided and
-  unguided) are copied in (shipped: `assets/`), so only the predictor and the report run."""
+  backbone checkpoint is copied in; `branches_from`: one whose branches (guided and unguided;
+  exported checkpoints) are copied in (shipped: `assets/`). The bank is rebuilt from the
+  backbone (deterministic, ~1 min), then the predictor and the report run."""
   from fiancee_jax import data, registry  # noqa: PLC0415
   from fiancee_jax import workdir as wd  # noqa: PLC0415
   from fiancee_jax.infer import sweep  # noqa: PLC0415
@@ -119,7 +119,7 @@ def run(config: Any, workdir: str, config_arg: Sequence[str], *,
   os.makedirs(workdir, exist_ok=True)
   t_all = time.perf_counter()
   summary = None
-  shipped = {'backbone': backbone_from, 'bank': branches_from, 'branches': branches_from,
+  shipped = {'backbone': backbone_from, 'branches': branches_from,
              'branches_nobank': branches_from}
   for i, stage in enumerate(stages):
     head = f'[demo {i + 1}/{len(stages)}] {stage}'
@@ -173,6 +173,6 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Where every stage writes.')
   flags.DEFINE_string('backbone_from', None, 'Workdir of a shipped backbone checkpoint.')
   flags.DEFINE_string('branches_from', None,
-                      'Workdir of a shipped bank + branches (guided and unguided).')
+                      'Workdir of shipped branches (guided and unguided).')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

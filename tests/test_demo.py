@@ -17,18 +17,18 @@ def _tree(root, rel, text):
 def test_copy_shipped(tmp_path):
   shipped, work = str(tmp_path / 'assets'), str(tmp_path / 'wd')
   _tree(shipped, 'checkpoints/branches/7/state', 'shipped')
-  _tree(shipped, 'bank/manifest.json', '{}')
+  _tree(shipped, 'checkpoints/backbone/9/state', 'shipped')
   src = demo._copy_shipped('branches', {'branches': shipped}, work)
   assert src == os.path.join(shipped, 'checkpoints', 'branches')
   with open(os.path.join(work, 'checkpoints/branches/7/state')) as f:
     assert f.read() == 'shipped'
   assert not os.path.exists(os.path.join(work, 'checkpoints', 'branches.copying'))
   # the workdir's own output wins
-  _tree(work, 'bank/manifest.json', 'mine')
-  assert demo._copy_shipped('bank', {'bank': shipped}, work) is None
-  with open(os.path.join(work, 'bank/manifest.json')) as f:
+  _tree(work, 'checkpoints/backbone/9/state', 'mine')
+  assert demo._copy_shipped('backbone', {'backbone': shipped}, work) is None
+  with open(os.path.join(work, 'checkpoints/backbone/9/state')) as f:
     assert f.read() == 'mine'
-  assert demo._copy_shipped('predictor', {'predictor': shipped}, work) is None  # never shipped
+  assert demo._copy_shipped('bank', {'bank': shipped}, work) is None   # never shipped
   assert demo._copy_shipped('branches_nobank', {'branches_nobank': None}, work) is None
   with pytest.raises(FileNotFoundError, match='branches_nobank'):
     demo._copy_shipped('branches_nobank', {'branches_nobank': shipped}, work)

@@ -236,3 +236,20 @@ def load_backbone(workdir: str, config: ml_collections.ConfigDict
     return saved['train']['ema_params_g'], dict(saved['ema_bn']), meta
   finally:
     ckpt.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m fiancee_jax.train.checkpoint --workdir W --stage S --to DIR [--keep K ...]`:
+  `export` (how `assets/` checkpoints are made)."""
+  import argparse  # noqa: PLC0415
+  ap = argparse.ArgumentParser(description=export.__doc__.split('\n')[0])
+  ap.add_argument('--workdir', required=True)
+  ap.add_argument('--stage', required=True, help="e.g. 'branches' or 'branches_nobank'")
+  ap.add_argument('--to', required=True, help='destination workdir (e.g. assets/<name>)')
+  ap.add_argument('--keep', nargs='+', default=['branches'], help='state entries to keep')
+  a = ap.parse_args(argv)
+  print(export(a.workdir, a.stage, a.to, a.keep), flush=True)
+
+
+if __name__ == '__main__':
+  main()
