@@ -56,6 +56,10 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 200
   c.train.keep_ckpts = 3
   c.train.bn_refresh_batches = 50  # OASIS refreshes EMA BN stats with 50 train-mode batches
+  # nn.remat the generator's blocks (OASIS SPADE-ResBlocks, G2D ResBlock2Ds): activations
+  # recomputed in the backward pass, less memory per device (bench/train_memory.py, README
+  # 'GPU / TPU'); the same params and checkpoints either way (not part of config_hash).
+  c.train.remat = False
 
   c.branches = ml_collections.ConfigDict()
   c.branches.sf = 0.25           # scale factor on branch widths (Table S8 / S9)
@@ -73,13 +77,9 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   c.branches.init = 'random'
   # Steps of distillation before the adversarial phase (Eq. S1 / S3): the branch loss without
   # discriminators (distill_l1 * L1 + the perceptual terms vs the backbone image), no
-  # discriminator update. 0 = the paper (adversarial from the first step); -1 = every step.
+  # discriminator update. 0 = the paper (adversarial from the first step).
   c.branches.warmup_steps = 0
   c.branches.distill_l1 = 10.0
-  # OASIS warm-up: VGG19's weight (the adversarial phase keeps alpha_vgg); 0 = LPIPS's VGG16
-  # the one perceptual trunk (VGG19 fwd/bwd for 4 exits was ~4/5 of a warm-up step:
-  # bench/branch_step.py).
-  c.branches.distill_vgg = 0.0
 
   c.bank = ml_collections.ConfigDict()
   # 'auto' (the faster per platform, measured: FAISS on CPU, device on GPU/TPU; core/bank/index.py)
@@ -257,10 +257,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(b.min_channels > 0, f'branches.min_channels={b.min_channels}: expected > 0')
   need(b.init in ('random', 'backbone'),
        f"branches.init={b.init!r}: expected 'random' or 'backbone'")
-  need(b.warmup_steps >= -1, f'branches.warmup_steps={b.warmup_steps}: expected >= 0, or -1 '
-       '(every step)')
+  need(0 <= b.warmup_steps, f'branches.warmup_steps={b.warmup_steps}: expected >= 0')
   need(b.distill_l1 >= 0, f'branches.distill_l1={b.distill_l1}: expected >= 0')
-  need(b.distill_vgg >= 0, f'branches.distill_vgg={b.distill_vgg}: expected >= 0')
   need(config.bank.backend in ('auto', 'device', 'faiss'),
        f"bank.backend={config.bank.backend!r}: expected 'auto', 'device' or 'faiss'")
   need(config.bank.index in ('flat', 'ivf', 'hnsw'),
@@ -284,6 +282,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(config[sec].batch_size > 0, f'{sec}.batch_size must be > 0')
     need(config[sec].num_steps >= 0, f'{sec}.num_steps must be >= 0')
   need(0 <= config.train.ema_decay < 1, 'train.ema_decay: expected in [0, 1)')
+  need(isinstance(config.train.remat, bool),
+       f'train.remat={config.train.remat!r}: expected True or False')
 
   _CHECKS.get(backbone, lambda c, need: None)(config, need)
   if problems:
@@ -349,8 +349,7 @@ def register_base(backbone: str, base: Callable[[], ml_collections.ConfigDict],
 
 # How long a stage runs and how often it reports: never part of a checkpoint's identity, so a
 # finished run can be extended (`--config.branches.num_steps=...`) and resumes.
-RUN_LENGTH_KEYS = ('num_steps', 'warmup_steps', 'log_every', 'sample_every', 'ckpt_every',
-                   'keep_ckpts')
+RUN_LENGTH_KEYS = ('num_steps', 'log_every', 'sample_every', 'ckpt_every', 'keep_ckpts')
 
 
 def config_hash(config: ml_collections.ConfigDict, sections: Sequence[str] = ('model',)) -> str:

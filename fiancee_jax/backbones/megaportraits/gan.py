@@ -96,7 +96,7 @@ class HeadsGAN:
         'shape': (c.data.height, c.data.width), 'dtype': c.dtype,
         'parallel': c.parallel, 'loss_weights': t.loss_weights.to_dict(),
         'train': {k: t[k] for k in ('lr_g', 'lr_d', 'beta1', 'beta2', 'weight_decay', 'min_lr',
-                                    'num_steps', 'ema_decay')},
+                                    'num_steps', 'ema_decay', 'remat')},
     }, sort_keys=True, default=str)
 
   # ---------------------------------------------------------------- state

@@ -148,6 +148,7 @@ class G2D(nn.Module):
   up_channels: Sequence[int] = (256, 128, 64)   # widths of the upsampling blocks
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  remat: bool = False                           # nn.remat the ResBlock2Ds (same params)
 
   @property
   def num_blocks(self) -> int:
@@ -156,8 +157,11 @@ class G2D(nn.Module):
   def setup(self):
     self.stem = nn.Conv(self.ch, (1, 1), dtype=self.dtype, name='stem')
     widths = [self.ch] * (self.num_res + 1) + list(self.up_channels)
-    self.blocks = [ResBlock2D(widths[i], widths[i + 1], self.axis_name, self.dtype,
-                              name=f'block{i + 1}') for i in range(self.num_blocks)]
+    # remat: activations recomputed in the backward pass (arg 2 of __call__(self, x, train)
+    # static); names and params unchanged.
+    block = nn.remat(ResBlock2D, static_argnums=(2,)) if self.remat else ResBlock2D
+    self.blocks = [block(widths[i], widths[i + 1], self.axis_name, self.dtype,
+                         name=f'block{i + 1}') for i in range(self.num_blocks)]
     self.out_conv = nn.Conv(3, (3, 3), padding=1, dtype=self.dtype, name='out_conv')
 
   def input_conv(self, x: Array) -> Array:
@@ -279,6 +283,7 @@ class HeadAvatar(nn.Module):
   motion_ch: int = 32
   axis_name: str | None = None
   dtype: Dtype = jnp.float32
+  remat: bool = False             # nn.remat G2D's ResBlock2Ds (train.remat)
 
   def setup(self):
     self.appearance_encoder = AppearanceEncoder(self.enc_ch, self.axis_name, self.dtype)
@@ -286,7 +291,7 @@ class HeadAvatar(nn.Module):
                                         axis_name=self.axis_name, dtype=self.dtype)
     self.fusion = Fusion(self.g2d_in, map_ch=8 * self.motion_ch, dtype=self.dtype)
     self.g2d = G2D(self.g2d_in, self.ch, self.num_res, tuple(self.up_channels),
-                   self.axis_name, self.dtype)
+                   self.axis_name, self.dtype, self.remat)
 
   def motion_code(self, driver: Array, train: bool = False) -> dict[str, Array]:
     """Driver -> {'angles', 'expression', 'motion'} (motion = bank key, 3 + expr_dim)."""
@@ -336,4 +341,5 @@ def from_config(config, axis_name: str | None = None) -> HeadAvatar:
   return HeadAvatar(g2d_in=m.g2d_in, ch=m.ch, num_res=m.num_res,
                     up_channels=tuple(m.up_channels), enc_ch=m.enc_ch, expr_dim=m.expr_dim,
                     motion_ch=m.motion_ch, axis_name=axis_name,
-                    dtype=dtype_of(config.dtype))
+                    dtype=dtype_of(config.dtype),
+                    remat=bool(config.train.get('remat', False)))

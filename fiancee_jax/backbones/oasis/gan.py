@@ -82,7 +82,7 @@ class OASISGAN:
         'shape': (c.data.height, c.data.width, c.data.num_classes),
         'dtype': c.dtype, 'parallel': c.parallel,
         'train': {k: t[k] for k in ('lr_g', 'lr_d', 'beta1', 'beta2', 'weight_decay',
-                                    'labelmix_lambda', 'ema_decay', 'vgg_lambda')},
+                                    'labelmix_lambda', 'ema_decay', 'vgg_lambda', 'remat')},
     }, sort_keys=True, default=str)
 
   # ---------------------------------------------------------------- state

@@ -75,6 +75,7 @@ class Generator(nn.Module):
   spade_hidden: int = 128       # SPADE shared-conv width
   axis_name: str | None = None  # data-parallel axis for sync batch norm
   dtype: Dtype = jnp.float32    # compute dtype
+  remat: bool = False           # nn.remat the SPADE-ResBlocks (same params; train.remat)
 
   def setup(self):
     if self.height % 32 or self.width % 32:
@@ -82,8 +83,11 @@ class Generator(nn.Module):
                        'of 32 (5 nearest x2 upsamplings)')
     w = widths(self.ch)
     self.fc = SNConv(w[0], 3, spectral_norm=False, dtype=self.dtype)
-    self.body = [SPADEResBlock(w[i], w[i + 1], self.spade_hidden, axis_name=self.axis_name,
-                               dtype=self.dtype) for i in range(NUM_BLOCKS)]
+    # remat: each block's activations are recomputed in the backward pass instead of kept
+    # (arg 3 of __call__(self, x, seg, train) is static); names and params are unchanged.
+    block = nn.remat(SPADEResBlock, static_argnums=(3,)) if self.remat else SPADEResBlock
+    self.body = [block(w[i], w[i + 1], self.spade_hidden, axis_name=self.axis_name,
+                       dtype=self.dtype) for i in range(NUM_BLOCKS)]
     self.conv_img = SNConv(3, 3, spectral_norm=False, dtype=self.dtype)
 
   def make_cond(self, seg: jax.Array, z: jax.Array | None = None) -> jax.Array:
@@ -139,4 +143,4 @@ def from_config(config, axis_name: str | None = None) -> Generator:
   m, d = config.model, config.data
   return Generator(num_classes=d.num_classes, height=d.height, width=d.width, ch=m.ch,
                    z_dim=m.z_dim, spade_hidden=m.spade_hidden, axis_name=axis_name,
-                   dtype=jnp.dtype(config.dtype))
+                   dtype=jnp.dtype(config.dtype), remat=bool(config.train.get('remat', False)))
