@@ -77,9 +77,13 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   c.branches.init = 'random'
   # Steps of distillation before the adversarial phase (Eq. S1 / S3): the branch loss without
   # discriminators (distill_l1 * L1 + the perceptual terms vs the backbone image), no
-  # discriminator update. 0 = the paper (adversarial from the first step).
+  # discriminator update. 0 = the paper (adversarial from the first step); -1 = every step.
   c.branches.warmup_steps = 0
   c.branches.distill_l1 = 10.0
+  # OASIS warm-up: VGG19's weight (the adversarial phase keeps alpha_vgg); 0 = LPIPS's VGG16
+  # the one perceptual trunk (VGG19 fwd/bwd for 4 exits was ~4/5 of a warm-up step:
+  # bench/branch_step.py).
+  c.branches.distill_vgg = 0.0
 
   c.bank = ml_collections.ConfigDict()
   # 'auto' (the faster per platform, measured: FAISS on CPU, device on GPU/TPU; core/bank/index.py)
@@ -257,8 +261,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(b.min_channels > 0, f'branches.min_channels={b.min_channels}: expected > 0')
   need(b.init in ('random', 'backbone'),
        f"branches.init={b.init!r}: expected 'random' or 'backbone'")
-  need(0 <= b.warmup_steps, f'branches.warmup_steps={b.warmup_steps}: expected >= 0')
+  need(b.warmup_steps >= -1, f'branches.warmup_steps={b.warmup_steps}: expected >= 0, or -1 '
+       '(every step)')
   need(b.distill_l1 >= 0, f'branches.distill_l1={b.distill_l1}: expected >= 0')
+  need(b.distill_vgg >= 0, f'branches.distill_vgg={b.distill_vgg}: expected >= 0')
   need(config.bank.backend in ('auto', 'device', 'faiss'),
        f"bank.backend={config.bank.backend!r}: expected 'auto', 'device' or 'faiss'")
   need(config.bank.index in ('flat', 'ivf', 'hnsw'),
@@ -349,7 +355,8 @@ def register_base(backbone: str, base: Callable[[], ml_collections.ConfigDict],
 
 # How long a stage runs and how often it reports: never part of a checkpoint's identity, so a
 # finished run can be extended (`--config.branches.num_steps=...`) and resumes.
-RUN_LENGTH_KEYS = ('num_steps', 'log_every', 'sample_every', 'ckpt_every', 'keep_ckpts')
+RUN_LENGTH_KEYS = ('num_steps', 'warmup_steps', 'log_every', 'sample_every', 'ckpt_every',
+                   'keep_ckpts')
 
 
 def config_hash(config: ml_collections.ConfigDict, sections: Sequence[str] = ('model',)) -> str:
