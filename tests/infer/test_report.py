@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from fiancee_jax.core import routing
-from fiancee_jax.infer import report
+from fiancee_jax.infer import report, sweep
 
 
 def _result():
@@ -31,6 +31,10 @@ def _result():
              'paper_rule': {'threshold': 0.2, 'meets_target': True, 'mean_lpips': 0.09,
                             'violation_rate': 0.4, 'gmacs_share': 0.4,
                             'gain_gmacs_per_lpips': 10.0},
+             'headline': 'operating_point',
+             'best_mean_target': {'threshold': 0.2, 'meets_target': True, 'mean_lpips': 0.0987,
+                                  'violation_rate': 0.3, 'gmacs_share': 0.35,
+                                  'exit_counts': [1, 1, 1]},
              'num_test': 30, 'device': 'cpu', 'config': 'test'}
   imgs = [rng.uniform(-1, 1, size=(2, 32, 64, 3)) for _ in range(3)]
   return {'summary': summary, 'rows': rows, 'exits': [1, 2], 'costs': costs.tolist(),
@@ -56,6 +60,9 @@ def test_write_report(tmp_path):
   for e, name in enumerate(('exit 1', 'exit 2')):
     with_bank, without = np.mean(res['true'][:, e]), np.mean(res['true_nobank'][:, e])
     assert f'| {name} | {res["costs"][e]:.3f} | {with_bank:.4f} | {without:.4f} |' in md
+  # headline at the operating point, the best-mean threshold beside it
+  assert "At threshold **0.1** (conformal; the paper's operating point" in md
+  assert 'mean LPIPS <= 0.1 (same rule): 0.2: mean LPIPS 0.0987' in md
   s = json.load(open(paths['summary']))
   assert s['gain_gmacs_per_lpips'] == 'nan' and s['gmacs_share'] == 0.5
   assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
@@ -86,3 +93,13 @@ def test_heads_report_from_synthetic_result(tmp_path):
   h, w = imgs[0].shape[1:3]
   assert np.asarray(Image.open(paths['samples.png'])).shape == (2 * h, 7 * w, 3)
   assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
+
+
+def test_headline_is_the_operating_point_when_swept():
+  rows = [{'threshold': t, 'calibrated_mean_true_lpips': m, 'mean_true_lpips': m + 0.01}
+          for t, m in ((0.05, 0.03), (0.1, 0.06), (0.2, 0.095), (0.3, 0.2))]
+  (head, met), (paper, pmet), (best, bmet), at = sweep.headlines(rows)
+  assert at and head['threshold'] == paper['threshold'] == 0.1 and met and pmet
+  assert best['threshold'] == 0.2 and bmet
+  (head, _), (paper, _), _, at = sweep.headlines(rows[2:])   # 0.1 not swept
+  assert not at and head['threshold'] == 0.2 and paper['threshold'] == 0.2
