@@ -22,7 +22,8 @@ XLA:CPU plans buffers differently from XLA:GPU / TPU (other fusions, layouts, no
 rematerialisation pass of its own, the CPU-only im2col weight gradient of even-kernel
 convs in nn/layers.py): the figures are estimates of the program's footprint, not a
 measurement on an accelerator. One JSON line per measurement (with the machine), then a
-markdown table. --quick: OASIS only, batch 1 (remat off and on).
+markdown table. --quick: OASIS only, batch 1 (remat off and on). The branch stage's step is
+not built (a `train_memory/skipped` line says why).
 """
 from __future__ import annotations
 
@@ -146,35 +147,48 @@ def timing(config, macs_per_example: float, tflops: float,
   """Seconds per global step / epoch / whole run at `tflops` effective (2 FLOPs per MAC)."""
   sec_per_example = 2 * macs_per_example / (tflops * 1e12)
   t = config.train
+  sig = lambda x: float(f'{x:.4g}')  # noqa: E731  (4 significant digits, never rounded to 0)
   out = {'tflops': tflops, 'global_batch': int(t.batch_size),
-         's_per_global_step': round(sec_per_example * t.batch_size, 4),
-         'run_hours': round(sec_per_example * t.batch_size * t.num_steps / 3600, 1)}
+         's_per_global_step': sig(sec_per_example * t.batch_size),
+         'run_hours': sig(sec_per_example * t.batch_size * t.num_steps / 3600)}
   n = epoch_examples if epoch_examples else EPOCH_EXAMPLES.get(config.data.name)
   out['epoch_examples'] = n
-  out['s_per_epoch'] = round(sec_per_example * n, 1) if n else None
+  out['s_per_epoch'] = sig(sec_per_example * n) if n else None
   return out
 
 
+def largest_batch(peaks: dict[int, float], cap_gb: float) -> str:
+  """Largest per-device batch whose peak fits `cap_gb`: measured, or '~n' from the line
+  through the smallest and largest measured batches when every measured one fits."""
+  ok = [b for b, p in peaks.items() if p <= cap_gb]
+  if not ok:
+    return 'none'
+  lo, hi = min(peaks), max(peaks)
+  if len(ok) < len(peaks) or hi == lo:
+    return str(max(ok))
+  slope = (peaks[hi] - peaks[lo]) / (hi - lo)
+  return f'~{int((cap_gb - (peaks[lo] - slope * lo)) // slope)}' if slope > 0 else str(hi)
+
+
 def table(rows: list[dict]) -> str:
-  """Markdown: one row per (config, remat), one column group per batch."""
+  """Markdown: one row per (config, remat), one column per batch."""
   batches = sorted({r['per_device_batch'] for r in rows})
   lines = ['| config | remat | ' + ' | '.join(f'batch {b}: peak GB (temp)' for b in batches)
-           + ' | GMACs / example | s / epoch | fits 16 / 40 / 80 GB (largest batch) |',
-           '|---|---|' + '---|' * (len(batches) + 3)]
+           + ' | GMACs / example | s / epoch | h / run | largest batch in 16 / 40 / 80 GB |',
+           '|---|---|' + '---|' * (len(batches) + 4)]
   keys = sorted({(r['config'], r['remat']) for r in rows}, key=lambda k: (k[0], k[1]))
   for name, remat in keys:
     sel = {r['per_device_batch']: r for r in rows if (r['config'], r['remat']) == (name, remat)}
     cells = [f"{sel[b]['peak_gb']:.2f} ({sel[b]['temp_bytes'] / GB:.2f})" if b in sel else '-'
              for b in batches]
-    any_r = next(iter(sel.values()))
-    fits = []
-    for cap in (16, 40, 80):
-      ok = [b for b in batches if b in sel and sel[b]['peak_gb'] <= cap]
-      fits.append(str(max(ok)) if ok else 'none')
+    any_r = sel[min(sel)]
+    peaks = {b: r['peak_gb'] for b, r in sel.items()}
+    fits = ' / '.join(largest_batch(peaks, cap) for cap in (16, 40, 80))
     epoch = any_r.get('s_per_epoch')
     lines.append(f"| {name} | {'on' if remat else 'off'} | " + ' | '.join(cells) +
                  f" | {any_r.get('gmacs_per_example', '-')} | "
-                 f"{epoch if epoch is not None else '-'} | {' / '.join(fits)} |")
+                 f"{epoch if epoch is not None else '-'} | {any_r.get('run_hours', '-')} | "
+                 f"{fits} |")
   return '\n'.join(lines)
 
 
@@ -213,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         slow = row['compile_s'] > a.max_compile_s
         gc.collect()
         jax.clear_caches()
-  if not a.quick:
+  if any('oasis_cityscapes' in p for p in configs):
     print(json.dumps({
         'name': 'train_memory/skipped', 'stage': 'branches', 'config': 'oasis_cityscapes',
         'why': 'not built: its frozen inputs include the bank (a core/bank pytree; at float32 '
