@@ -38,6 +38,8 @@ def main() -> None:
   ap.add_argument('--out', default='docs/fig8_exit_lpips.png', help='Fig. 8 analogue PNG')
   ap.add_argument('--grids', default=None, help='folder for label | backbone | exits grids')
   ap.add_argument('--cache_dir', default=None, help='default <workdir>/exit_quality')
+  ap.add_argument('--stages', default='both', choices=('both', 'bank', 'nobank'),
+                  help='branch stages to evaluate (e.g. one per process)')
   ap.add_argument('--backbone_only', action='store_true',
                   help='only fill the caches of the real images and the backbone (they do not '
                   'depend on the branches: run it while the branches train)')
@@ -48,14 +50,15 @@ def main() -> None:
   seg = seg_lib.ensure(config, a.workdir)
   res = eq.evaluate(bb, a.workdir, seg, split=a.split, num=a.num, noises=a.noises,
                     lpips_noises=a.lpips_noises, batch_size=a.batch_size,
-                    cache_dir=a.cache_dir, backbone_only=a.backbone_only)
+                    cache_dir=a.cache_dir, backbone_only=a.backbone_only,
+                    banks={'both': (True, False), 'bank': (True,), 'nobank': (False,)}[a.stages])
   print(json.dumps({'name': 'segmenter_ceiling', **res['real'],
                     'segmenter_train_seconds': seg.meta.get('seconds'),
                     'segmenter_steps': seg.meta.get('step'), 'device': dev}), flush=True)
   if a.backbone_only:
     return
   for stage in ('bank', 'nobank'):
-    rows = res[stage]
+    rows = res.get(stage, {'skipped': '--stages'})
     if 'skipped' in rows:
       print(json.dumps({'name': 'exit_quality', 'bank': stage == 'bank', **rows}), flush=True)
       continue
@@ -65,14 +68,15 @@ def main() -> None:
   per = res['lpips_per_input']
   if any(per.values()):
     steps = {s: r[next(iter(r))]['branch_step'] for s, r in
-             (('bank', res['bank']), ('no bank', res['nobank'])) if 'skipped' not in r}
+             (('bank', res.get('bank', {'skipped': 1})),
+              ('no bank', res.get('nobank', {'skipped': 1}))) if 'skipped' not in r}
     eq.fig8(per, a.out, title='LPIPS vs the backbone per exit, with and without the bank '
             f'(branch steps {steps}, {dev})')
     print(json.dumps({'name': 'exit_quality_fig8', 'path': a.out}), flush=True)
   if a.grids:
     from fiancee_jax.train import branches  # noqa: PLC0415
     for use_bank, stage in ((True, 'bank'), (False, 'nobank')):
-      if 'skipped' not in res[stage]:
+      if 'skipped' not in res.get(stage, {'skipped': 1}):
         branches.sample_grid(bb, a.workdir, os.path.join(a.grids, f'exits_{stage}.png'),
                              use_bank=use_bank)
   print(f'\n{eq.table(res)}\n\n{dev}; {time.time() - t0:.0f} s', flush=True)

@@ -256,7 +256,8 @@ def fig8(per_input: dict[str, dict[str, np.ndarray]], path: str, title: str = ''
 
 def table(res: dict) -> str:
   """Markdown: one row per route, FID / mIoU / LPIPS / GMACs with and without the bank."""
-  g, u = res.get('bank', {}), res.get('nobank', {})
+  g = res.get('bank', {'skipped': 'not evaluated'})
+  u = res.get('nobank', {'skipped': 'not evaluated'})
   routes = list(g) if 'skipped' not in g else list(u)
   if not routes or 'skipped' in (u if 'skipped' in g else g):
     return '(no branch stage to report)'

@@ -3,10 +3,14 @@
 OASIS scores a generator by segmenting its images with a network trained on the *real* images
 and comparing the prediction with the input label map (mIoU). For `synthetic_streets` there is
 no pretrained DRN / UperNet, so we train our own: a small U-Net (`UNet`, GroupNorm + ReLU,
-`SegConfig.widths` channels per level, max-pool down, nearest up, skip concatenation), plain
-per-pixel softmax cross-entropy on the dataset's real train images + label maps, Adam,
-random horizontal flips. Its mIoU on the real test images is the ceiling a generator can
-reach under this metric.
+`SegConfig.widths` channels per level, max-pool down, nearest up, skip concatenation),
+per-pixel softmax cross-entropy weighted by class frequency ** -0.5 (`class_weights`: rare
+classes count for more, as mIoU does) on the dataset's real train images + label maps, Adam
+with a cosine decay, random horizontal flips. Its mIoU on the real test images is the ceiling
+a generator can reach under this metric. Demo settings (`DEMO`, 700 steps of 8 images at
+64x128): 813 s on the shared 2-core CPU, mIoU 0.562 on the 200 real test images (18 classes
+occur), 0.560 on 200 train images (under-fitted rather than over-fitted: more steps would
+raise the ceiling).
 
   python -m fiancee_jax.metrics.segmenter --config configs/oasis_synthetic.py --workdir runs/demo
 
