@@ -55,15 +55,18 @@ def _check_equal(model_fn, args, init_args):
   l_off, g_off, n_off = _loss_and_grads(off, flax.core.unfreeze(v_off), args)
   l_on, g_on, n_on = _loss_and_grads(on, flax.core.unfreeze(v_off), args)
   np.testing.assert_allclose(float(l_on), float(l_off), rtol=1e-6)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((g_off, n_off)),
-                          jax.tree.leaves((g_on, n_on))):
-    # Float tolerance: the recomputed forward is fused and summed in another order
-    # (seen: 3e-6 absolute on gradients of size 0.15).
-    a, b = np.asarray(a), np.asarray(b)
-    scale = float(np.abs(a).max()) if a.size else 0.0
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale + 1e-8,
-                               err_msg=jax.tree_util.keystr(path))
-  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_off))
+  # Float tolerance: the recomputed forward is fused and summed in another order (seen:
+  # 3e-6 absolute on gradients of size 0.15; 1e-7 on biases before a batch norm, whose exact
+  # gradient is 0): relative to the largest gradient, and to each collection leaf's size.
+  g_scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_off))
+  assert g_scale > 0
+  for tree_off, tree_on, per_leaf in ((g_off, g_on, False), (n_off, n_on, True)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree_off),
+                            jax.tree.leaves(tree_on)):
+      a, b = np.asarray(a), np.asarray(b)
+      scale = float(np.abs(a).max()) if per_leaf else g_scale
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * scale + 1e-8,
+                                 err_msg=jax.tree_util.keystr(path))
 
 
 def test_oasis_remat_same_params_loss_and_grads():
