@@ -7,6 +7,9 @@ WORKDIR ?= runs/demo
 # The demo starts from the backbone we trained with train.py (command in assets/oasis_synthetic/README.md);
 # set BACKBONE_FROM= to train it from scratch (1000 steps: ~45 min on 2 CPU cores).
 BACKBONE_FROM ?= assets/oasis_synthetic
+# ... and from the branches we trained with train.py (guided and unguided, exported: command,
+# steps and time in assets/oasis_synthetic/README.md); BRANCHES_FROM= trains them in the demo.
+BRANCHES_FROM ?= assets/oasis_synthetic
 
 .PHONY: demo test install install-dev bench clean-venv
 
@@ -39,7 +42,8 @@ install-dev: $(BIN)/.installed-dev
 
 demo: $(BIN)/.installed
 	$(BIN)/python -m fiancee_jax.demo --config $(CONFIG) --workdir $(WORKDIR) \
-	  $(if $(BACKBONE_FROM),--backbone_from $(BACKBONE_FROM))
+	  $(if $(BACKBONE_FROM),--backbone_from $(BACKBONE_FROM)) \
+	  $(if $(BRANCHES_FROM),--branches_from $(BRANCHES_FROM))
 
 # Two workers by default (one per core here); each test module stays on one worker.
 TEST_WORKERS ?= 2

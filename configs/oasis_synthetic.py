@@ -38,7 +38,7 @@ def get_config(arg=None):
   # the paper's adversarial step (4 D copies + VGG19 + LPIPS) at ~4x a distillation step here,
   # and the distillation's exits closer to the backbone per step.
   c.branches.init = 'backbone'
-  c.branches.num_steps = 1000
+  c.branches.num_steps = 300       # the shipped branches (assets/oasis_synthetic/README.md)
   c.branches.warmup_steps = -1      # distillation at every step (no adversarial phase)
   c.branches.sample_every = c.branches.ckpt_every = 100
   c.bank.num_maps = 100
