@@ -40,6 +40,9 @@ def main() -> None:
   ap.add_argument('--cache_dir', default=None, help='default <workdir>/exit_quality')
   ap.add_argument('--stages', default='both', choices=('both', 'bank', 'nobank'),
                   help='branch stages to evaluate (e.g. one per process)')
+  ap.add_argument('--branch_step', type=int, default=None,
+                  help='branch checkpoint step to score (default the latest; an older one only '
+                  'from the caches)')
   ap.add_argument('--backbone_only', action='store_true',
                   help='only fill the caches of the real images and the backbone (they do not '
                   'depend on the branches: run it while the branches train)')
@@ -51,6 +54,7 @@ def main() -> None:
   res = eq.evaluate(bb, a.workdir, seg, split=a.split, num=a.num, noises=a.noises,
                     lpips_noises=a.lpips_noises, batch_size=a.batch_size,
                     cache_dir=a.cache_dir, backbone_only=a.backbone_only,
+                    branch_step=a.branch_step,
                     banks={'both': (True, False), 'bank': (True,), 'nobank': (False,)}[a.stages])
   print(json.dumps({'name': 'segmenter_ceiling', **res['real'],
                     'segmenter_train_seconds': seg.meta.get('seconds'),

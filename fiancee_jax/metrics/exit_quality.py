@@ -123,9 +123,12 @@ def evaluate(backbone: Backbone, workdir: str, segmenter: seg_lib.Segmenter, *,
              split: str = 'test', num: int | None = None, noises: int = 3,
              lpips_noises: int = 1, batch_size: int = 8, cache_dir: str | None = None,
              banks: tuple[bool, ...] = (True, False), backbone_only: bool = False,
-             log: Callable = _print) -> dict:
+             branch_step: int | None = None, log: Callable = _print) -> dict:
   """backbone_only: fill the caches of the real images and the backbone's passes (they do not
   depend on the branches) and return {'real': ...}.
+
+  branch_step: score that finished branch step (default: the latest) from the caches, or,
+  when it is the latest, from the checkpoint (branch training may go on meanwhile).
 
   {'real': {...}, 'bank' / 'nobank': {route: row} (a missing branch stage: {'skipped':
   why}), 'lpips_per_input': {stage: {route: (rows,)}}} as described in the module doc."""
@@ -160,11 +163,21 @@ def evaluate(backbone: Backbone, workdir: str, segmenter: seg_lib.Segmenter, *,
   for use_bank in banks:
     stage = wd.branches_stage(use_bank)
     steps = checkpoint.finished_steps(workdir, stage)
+    step = branch_step if branch_step is not None else (steps[-1] if steps else None)
+
+    def cpath(j, stage=stage, step=step):
+      return os.path.join(cache_dir, f'{stage}_b{bb_step}_s{step}_{split}{n}_j{j}'
+                          f'{"_lp" if j < lpips_noises else ""}_{skey}.npz')
+    cached = all(os.path.exists(cpath(j)) for j in range(noises)) and not backbone_only
     try:
-      if not steps:
-        raise PipelineError(f'no finished checkpoint in {workdir}/checkpoints/{stage}')
-      p = stages.load_pipeline(backbone, workdir, stages=('backbone', 'bank', 'branches'),
-                               use_bank=use_bank)
+      if step not in steps:
+        raise PipelineError(f'no finished checkpoint {step} in {workdir}/checkpoints/{stage}')
+      if not cached and step != steps[-1]:
+        raise PipelineError(f'{stage} step {step} is not cached and not the latest '
+                            f'({steps[-1]}): cannot be loaded')
+      # all cached: the route costs and names only (branch weights are not needed)
+      p = stages.load_pipeline(backbone, workdir, use_bank=use_bank, stages=(
+          ('backbone', 'bank') if cached else ('backbone', 'bank', 'branches')))
     except PipelineError as e:
       res['bank' if use_bank else 'nobank'] = {'skipped': str(e)}
       continue
@@ -173,8 +186,7 @@ def evaluate(backbone: Backbone, workdir: str, segmenter: seg_lib.Segmenter, *,
     acc: dict[str, list] = {}
     for j in range(noises):
       lp_on = j < lpips_noises
-      path = os.path.join(cache_dir, f'{stage}_b{bb_step}_s{steps[-1]}_{split}{n}_j{j}'
-                          f'{"_lp" if lp_on else ""}_{skey}.npz')
+      path = cpath(j)
       bpath = os.path.join(cache_dir, f'backbone_b{bb_step}_{split}{n}_j{j}_{skey}.npz')
       got, bgot = _load(path), bb.get(j) or _load(bpath)
       if backbone_only:
@@ -183,7 +195,7 @@ def evaluate(backbone: Backbone, workdir: str, segmenter: seg_lib.Segmenter, *,
              ({'backbone'} if bgot is None else set())
       if want:
         r = _pass(fn, p.params, noise_rows(c, base, j), labels, names, keys, want, lp_on, sc,
-                  batch_size, log, f'{stage} step {steps[-1]} noise {j}')
+                  batch_size, log, f'{stage} step {step} noise {j}')
         if got is None and not backbone_only:
           got = {k: v for k, v in r.items() if not k.startswith('backbone/')}
           _save(path, got)
@@ -202,7 +214,7 @@ def evaluate(backbone: Backbone, workdir: str, segmenter: seg_lib.Segmenter, *,
       f = np.concatenate(acc[f'{name}/feats'])
       m, iou = seg_lib.miou_from_confusion(np.sum(acc[f'{name}/cm'], 0))
       row = {'gmacs': float(p.costs[i]), 'fid': sc.fid(f, real_c['feats']), 'fid_n': len(f),
-             'fid_real_n': n, 'miou': m, 'miou_n': len(f), 'branch_step': steps[-1]}
+             'fid_real_n': n, 'miou': m, 'miou_n': len(f), 'branch_step': step}
       if name == 'backbone':
         row.update(lpips=0.0, lpips_n=0, branch_step=None, backbone_step=bb_step)
       elif lpips_noises:
