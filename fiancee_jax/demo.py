@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ('data', 'backbone', 'bank', 'branches', 'branches_nobank', 'predictor', 'report')
-# What `--from DIR` copies into the workdir when it lacks it: stage -> path under a workdir.
+# What --backbone_from / --branches_from copy into a workdir lacking it: stage -> its path.
 SHIPPED = {'backbone': ('checkpoints', 'backbone'), 'branches': ('checkpoints', 'branches'),
            'branches_nobank': ('checkpoints', 'branches_nobank')}
 
