@@ -37,7 +37,7 @@ from fiancee_jax import config as cfg
 from fiancee_jax import data as fdata
 from fiancee_jax import registry
 from fiancee_jax import workdir as wd
-from fiancee_jax.infer.engine import device_name
+from fiancee_jax.infer.engine import device_name, time_fn
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.train import branches as tb
 from fiancee_jax.train import parallel
@@ -102,13 +102,7 @@ def time_part(config, workdir: str, repeats: int) -> None:
                                                      jnp.int32(0), None)[0]))
       host_b = jax.tree.map(np.asarray, s.batches(1)[0])
       fr = dp.one_copy(state.frozen)   # the step donates its input state
-      jax.block_until_ready(ff(fr, host_b))
-      t = []
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(ff(fr, host_b))
-        t.append(time.perf_counter() - t0)
-      results['frozen_forward'] = float(np.median(t))
+      results['frozen_forward'] = time_fn(lambda: ff(fr, host_b), repeats)
     del state
   for name, sec in results.items():
     print(json.dumps({'name': f'branch_step/{name}', 'value': 1e3 * sec, 'unit': 'ms',

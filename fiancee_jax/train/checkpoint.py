@@ -107,6 +107,16 @@ class Checkpointer:
                             f'{type(e).__name__}: {e}') from e
     return dict(out['meta'])
 
+  def restore_untyped(self, step: int) -> PyTree:
+    """The saved state of `step` as stored (no target tree); any orbax failure is one
+    CheckpointError naming the checkpoint."""
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))['state']
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f'cannot read {self.stage} checkpoint {self.directory}/{step}: '
+                            f'{type(e).__name__}: {e}') from e
+
   def check_config(self, meta: dict[str, Any], key: str = 'config_hash') -> None:
     """One clear error when the checkpoint was written for another config."""
     if self.config is None:
@@ -167,8 +177,7 @@ def export(workdir: str, stage: str, dest_workdir: str, keep: Sequence[str]) -> 
     if step is None:
       raise CheckpointError(f'no {stage} checkpoint in {src.directory}')
     meta = src.read_meta(step)
-    state = src.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
+    state = src.restore_untyped(step)
   finally:
     src.close()
   missing = [k for k in keep if k not in state]
@@ -227,12 +236,7 @@ def load_backbone(workdir: str, config: ml_collections.ConfigDict
                             '`train.py --stage=backbone` first')
     meta = ckpt.read_meta(step)
     ckpt.check_config(meta, key='model_hash')
-    try:
-      out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f'cannot read backbone checkpoint {ckpt.directory}/{step}: '
-                            f'{type(e).__name__}: {e}') from e
-    saved = out['state']  # {'train': GANState fields, 'ema_bn': refreshed collections}
+    saved = ckpt.restore_untyped(step)  # {'train': GANState fields, 'ema_bn': refreshed stats}
     return saved['train']['ema_params_g'], dict(saved['ema_bn']), meta
   finally:
     ckpt.close()
