@@ -155,6 +155,11 @@ def base_oasis() -> ml_collections.ConfigDict:
   c.predictor.mlp = (4096, 1024, 512, 128)
   c.predictor.loss = 'mse'
   c.predictor.optimizer = 'sgd_cosine'
+  # Noises of the train / validation rows: 'fixed' (the paper: the same K noises for every
+  # map, the bank's) | 'fresh' (K new noises per map, never the bank's). Calibration and test
+  # rows always take fresh ones, so with few fixed noises the predictor meets on test a noise
+  # it never saw and bank hits it was trained on (README, 'Predictor rows').
+  c.predictor.noises = 'fixed'
   c.lock()
   return c
 
@@ -321,6 +326,8 @@ def _check_oasis(config: ml_collections.ConfigDict, need) -> None:
   need(1 <= config.bank.key_block < config.bank.value_block <= m.num_blocks,
        'bank.key_block < bank.value_block <= 6 expected')
   need(config.predictor.loss in ('mse', 'mae'), "predictor.loss: expected 'mse' or 'mae'")
+  need(config.predictor.noises in ('fixed', 'fresh'),
+       f"predictor.noises={config.predictor.noises!r}: expected 'fixed' or 'fresh'")
 
 
 def _check_megaportraits(config: ml_collections.ConfigDict, need) -> None:
@@ -359,10 +366,16 @@ RUN_LENGTH_KEYS = ('num_steps', 'warmup_steps', 'log_every', 'sample_every', 'ck
                    'keep_ckpts')
 
 
+# Where a stage runs and how fast (paths, workers, search backend and threads): never what it
+# computes, so never part of a hash (e.g. the predictor rows' cache fingerprint).
+RUNTIME_KEYS = ('data_dir', 'manual_dir', 'num_workers', 'backend', 'faiss_threads')
+
+
 def config_hash(config: ml_collections.ConfigDict, sections: Sequence[str] = ('model',)) -> str:
   """Stable short hash of the config sections that fix parameter shapes (less the
-  RUN_LENGTH_KEYS)."""
-  payload = {s: {k: v for k, v in config[s].to_dict().items() if k not in RUN_LENGTH_KEYS}
+  RUN_LENGTH_KEYS and RUNTIME_KEYS)."""
+  skip = set(RUN_LENGTH_KEYS) | set(RUNTIME_KEYS)
+  payload = {s: {k: v for k, v in config[s].to_dict().items() if k not in skip}
              for s in sections}
   payload['backbone'] = config.backbone
   keys = _SHAPE_KEYS.get(config.backbone, ('height', 'width'))

@@ -66,6 +66,11 @@ def test_config_hash_tracks_shapes(repo):
   assert cfg.config_hash(a) == cfg.config_hash(b)
   b.branches.num_steps += 100    # extending a run keeps its identity
   assert cfg.config_hash(a, ('model', 'branches')) == cfg.config_hash(b, ('model', 'branches'))
+  sec = ('model', 'branches', 'data', 'bank')  # the predictor rows' fingerprint
+  b.data.data_dir, b.data.num_workers, b.bank.backend, b.bank.faiss_threads = '/x', 3, 'faiss', 1
+  assert cfg.config_hash(a, sec) == cfg.config_hash(b, sec)  # where and how fast, not what
+  b.bank.index = 'ivf'
+  assert cfg.config_hash(a, sec) != cfg.config_hash(b, sec)
   b.branches.sf = 0.5
   assert cfg.config_hash(a, ('model', 'branches')) != cfg.config_hash(b, ('model', 'branches'))
   b.model.ch = 8

@@ -91,7 +91,8 @@ def load_bank_at(config, workdir: str, path: str, shapes: dict, backbone_step: i
                  verify: bool = True, what: str = 'bank') -> bank_lib.Bank:
   """The bank in `path` (one of `workdir`'s), checked against this config's model hash and
   the adapter's `shapes` (and the backbone step): a PipelineError naming build_bank.py when
-  it is missing, another model's, stale or corrupt."""
+  it is missing, another model's, stale or corrupt. Searched with the config's index
+  (`bank.index`, `bank.faiss_threads`, ...: `bank.with_index`)."""
   cmd = wd.stage_cmd(config, workdir, 'python build_bank.py')
   if not os.path.isfile(os.path.join(path, 'manifest.json')):
     raise PipelineError(f'no {what} in {path}: run `{cmd}`')
@@ -99,9 +100,11 @@ def load_bank_at(config, workdir: str, path: str, shapes: dict, backbone_step: i
   if backbone_step is not None:
     expect['backbone_step'] = int(backbone_step)
   try:
-    return bank_lib.load(path, expect=expect, verify=verify)
+    bank = bank_lib.load(path, expect=expect, verify=verify)
   except bank_lib.BankError as e:
     raise PipelineError(f'{e} (`{cmd} --force`)') from e
+  # the config's search index (bank.index 'flat' | 'ivf' | 'hnsw', bank.faiss_threads)
+  return bank_lib.with_index(bank, config.bank)
 
 
 def load_pipeline(backbone: Backbone, workdir: str, stages: Sequence[str] = STAGES,

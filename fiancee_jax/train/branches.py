@@ -49,7 +49,6 @@ from fiancee_jax.core import pipeline as pl
 from fiancee_jax.core import stages
 from fiancee_jax.core.interface import Backbone
 from fiancee_jax.errors import FianceeError
-from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.train import checkpoint, loop, parallel
 from fiancee_jax.train import logging as tlog
 from fiancee_jax.train.state import split_variables
@@ -234,7 +233,7 @@ def create_train_state(backbone: Backbone, models: Models, disc: tuple[PyTree, P
   local = backbone.branches(use_bank=models.use_bank)
   b_vars = jax.jit(functools.partial(pl.init_branches, backbone, local))(k_b)
   params_b, state_b = split_variables(b_vars)
-  params_b = models.losses.init_params(params_b, state_b)
+  params_b = jax.jit(models.losses.init_params)(params_b, state_b)  # one compile, not one per shape
   if config.branches.init == 'backbone' and generator is not None:
     if not hasattr(models.losses, 'from_backbone'):
       raise BranchStageError(f"branches.init='backbone': the {backbone.name} adapter cannot "
@@ -246,8 +245,34 @@ def create_train_state(backbone: Backbone, models: Models, disc: tuple[PyTree, P
   params_d, state_d = stack(disc[0]), stack(dict(disc[1]))
   return jax.device_get(BranchTrain(
       step=jnp.zeros((), jnp.int32), params_b=params_b, state_b=state_b, params_d=params_d,
-      state_d=state_d, opt_b=models.tx_b.init(params_b), opt_d=models.tx_d.init(params_d),
-      rng=k_train))
+      state_d=state_d, opt_b=jax.jit(models.tx_b.init)(params_b),
+      opt_d=jax.jit(models.tx_d.init)(params_d), rng=k_train))
+
+
+def continue_exported(backbone: Backbone, models: Models, workdir: str,
+                      ckpt: checkpoint.Checkpointer, step: int) -> tuple[BranchTrain, Any]:
+  """(train state, loader state) to go on training from an exported checkpoint (`python -m
+  fiancee_jax.train.checkpoint --to`, e.g. the shipped branches copied into a workdir): its
+  branch variables and step, the data position it recorded, a fresh optimiser and the
+  discriminator copies from the backbone (the export dropped both). Not an exact resume: Adam's
+  moments restart, so the next steps differ from those the full checkpoint would have taken."""
+  meta = ckpt.read_meta(step)
+  ckpt.check_config(meta)
+  exported = ckpt.restore_untyped(step).get('branches')
+  if exported is None:
+    raise BranchStageError(f'{ckpt.directory}/{step}: an exported checkpoint without branch '
+                           f"variables (it holds {meta.get('exported')})")
+  host = create_train_state(backbone, models, load_backbone_discriminator(backbone, workdir))
+  fresh = jax.tree.structure({'params': host.params_b, **host.state_b})
+  if jax.tree.structure(exported) != fresh:
+    raise BranchStageError(f'{ckpt.directory}/{step}: its branch variables do not match this '
+                           'config\'s branches (another model or branch config)')
+  params_b, state_b = split_variables(exported)
+  params_b = jax.tree.map(np.asarray, params_b)
+  state_b = jax.tree.map(np.asarray, state_b)
+  host = host.replace(step=jnp.asarray(step, jnp.int32), params_b=params_b, state_b=state_b,
+                      opt_b=jax.jit(models.tx_b.init)(params_b))
+  return jax.device_get(host), meta.get('data')
 
 
 def frozen_forward(models: Models, frozen: Frozen, inputs: tuple
@@ -383,12 +408,13 @@ def train_and_evaluate(backbone: Backbone, workdir: str, *,
                              enabled=is_chief)
   try:
     loader_state = None
-    if ckpt.latest_step() is not None:
-      if 'exported' in ckpt.read_meta():
-        raise BranchStageError(
-            f'{ckpt.directory} holds an exported checkpoint (branch variables only, e.g. '
-            'copied from assets/): later stages use it, but it cannot resume training; to '
-            'train further, move it away and train from scratch')
+    latest = ckpt.latest_step()
+    if latest is not None and 'exported' in ckpt.read_meta(latest):
+      host, loader_state = continue_exported(backbone, models, workdir, ckpt, latest)
+      print(f'[{stage}] continuing from the exported branch variables in {ckpt.directory} at '
+            f'step {latest}: fresh optimiser state, discriminator copies from the backbone',
+            flush=True)
+    elif latest is not None:
       template = create_train_state(backbone, models, disc_template(backbone))
       restored, meta = ckpt.restore(saved(template))
       host, loader_state = restored['train'], meta.get('data')
@@ -449,49 +475,6 @@ def _eval_rows(backbone: Backbone, workdir: str, split: str, num: int | None):
   src = fdata.source(c.data, split, wd.data_dir(c, workdir))
   n = len(src) if num is None else min(int(num), len(src))
   return n, src
-
-
-def evaluate_exits(backbone: Backbone, workdir: str, split: str = 'test',
-                   use_bank: bool | None = None, *, num: int | None = None,
-                   batch_size: int = 8, fid: bool = True) -> dict[str, dict[str, float]]:
-  """Per route (exit1..exitE, backbone): mean LPIPS vs the backbone's image, FID vs the real
-  images of `split`, GMACs of the route (network + bank retrieval bound). FID here is a
-  small-sample FID on synthetic data (a few hundred images: biased high, compare only
-  numbers computed with the same n). `num`: the first n rows of the split (default all;
-  `BranchLosses.eval_rows` says what a row is)."""
-  from fiancee_jax.metrics import fid as fid_lib  # noqa: PLC0415 (heavy: inception)
-  p = stages.load_pipeline(backbone, workdir, stages=('backbone', 'bank', 'branches'),
-                           use_bank=use_bank)
-  n, src = _eval_rows(backbone, workdir, split, num)
-  inputs, real_all, _ = backbone.branch_losses().eval_rows(src, n)
-  n = len(real_all)
-  if n < 2:
-    raise BranchStageError(f'evaluate_exits: split {split!r} has {n} rows; need >= 2')
-  fn = images_fn(backbone, p.use_bank)
-  lp = lpips_lib.load()
-  inception = fid_lib.load_inception() if fid else None
-  names = p.route_names
-  lp_sum = np.zeros(len(names))
-  feats = {k: [] for k in names + ['real']}
-  for s in range(0, n, batch_size):
-    idx = np.arange(s, min(n, s + batch_size))
-    pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-    out = fn(p.params, *(np.asarray(x)[pad] for x in inputs))
-    imgs = [np.asarray(out[k])[:len(idx)] for k in list(p.exits) + ['backbone']]
-    for i, name in enumerate(names):
-      lp_sum[i] += float(np.sum(np.asarray(lp(jnp.asarray(imgs[i]), jnp.asarray(imgs[-1])))))
-      if fid:
-        feats[name].append(np.asarray(inception(jnp.asarray(imgs[i]))))
-    if fid:
-      feats['real'].append(np.asarray(inception(jnp.asarray(real_all[idx]))))
-  out = {}
-  for i, name in enumerate(names):
-    row = {'lpips': float(lp_sum[i] / n), 'gmacs': float(p.costs[i]), 'n': n}
-    if fid:
-      row['fid'] = fid_lib.frechet_distance_features(np.concatenate(feats[name]),
-                                                     np.concatenate(feats['real']))
-    out[name] = row
-  return out
 
 
 def sample_grid(backbone: Backbone, workdir: str, path: str, *, split: str = 'test',

@@ -32,6 +32,7 @@ PyTree = Any
 STAGE_HASH_SECTIONS = {
     'backbone': ('model', 'disc'),
     'branches': ('model', 'branches'),
+    'branches_nobank': ('model', 'branches'),
     'predictor': ('model', 'branches', 'predictor'),
 }
 

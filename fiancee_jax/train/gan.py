@@ -155,14 +155,18 @@ def create_train_state(backbone: Backbone, comp: Compiled | None = None,
   rng = jax.random.PRNGKey(backbone.config.seed) if rng is None else rng
   k_g, k_d, k_train = jax.random.split(rng, 3)
   g_vars, d_vars = init(k_g, k_d)
-  params_g, state_g = split_variables(g_vars)
-  params_d, state_d = split_variables(d_vars)
-  params_g, params_d = task.init_params(params_g, state_g, params_d, state_d)
-  state = GANState(
-      step=jnp.zeros((), jnp.int32), params_g=params_g, params_d=params_d,
-      state_g=state_g, state_d=state_d, ema_params_g=params_g, ema_state_g=state_g,
-      opt_g=task.tx_g.init(params_g), opt_d=task.tx_d.init(params_d), rng=k_train)
-  return jax.device_get(state)
+
+  def finish(g_vars, d_vars, k_train):
+    params_g, state_g = split_variables(g_vars)
+    params_d, state_d = split_variables(d_vars)
+    params_g, params_d = task.init_params(params_g, state_g, params_d, state_d)
+    return GANState(
+        step=jnp.zeros((), jnp.int32), params_g=params_g, params_d=params_d,
+        state_g=state_g, state_d=state_d, ema_params_g=params_g, ema_state_g=state_g,
+        opt_g=task.tx_g.init(params_g), opt_d=task.tx_d.init(params_d), rng=k_train)
+  # one program: run eagerly, the optimiser's zeros and the kernel rescaling compiled one
+  # small program per parameter shape (~60 compiles, most of a tiny config's start-up)
+  return jax.device_get(jax.jit(finish)(g_vars, d_vars, k_train))
 
 
 def step_state(task: GANTask, train: GANState) -> StepState:

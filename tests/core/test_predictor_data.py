@@ -39,7 +39,8 @@ def tiny_workdir() -> str:
 def test_oasis_rows_of_each_split(tmp_path):
   """train = maps x K fixed noises; validation reuses them; calibration / test rows have
   fresh noises; calibration and validation maps are disjoint parts of the validation maps."""
-  c = tiny_config()
+  c = tiny_config().copy_and_resolve_references()
+  c.predictor.noises = 'fixed'    # the paper's rows (the demo config takes 'fresh', below)
   rows = {s: registry.get(c).predictor_rows().rows(str(tmp_path), s)
           for s in predictor_data.SPLITS}
   p, k = c.predictor, c.predictor.num_noises
@@ -56,6 +57,20 @@ def test_oasis_rows_of_each_split(tmp_path):
     assert not any(np.array_equal(v, t) for v in rows[s].index['z'] for t in train_z)
   with pytest.raises(ValueError, match='predictor split'):
     predictor_data.dataset(registry.get(c), str(tmp_path), 'nope')
+  # predictor.noises='fresh': the same maps, every train / validation row its own new noise,
+  # none of them the bank's fixed ones nor a calibration / test noise
+  c.predictor.noises = 'fresh'
+  fresh = {s: registry.get(c).predictor_rows().rows(str(tmp_path), s)
+           for s in predictor_data.SPLITS}
+  fixed = oasis_rows.fixed_noises(c, str(tmp_path), k)
+  for s in predictor_data.SPLITS:
+    np.testing.assert_array_equal(fresh[s].index['maps'], rows[s].index['maps'])
+  zs = {s: fresh[s].index['z'] for s in predictor_data.SPLITS}
+  allz = np.concatenate(list(zs.values()))
+  assert len(np.unique(allz, axis=0)) == len(allz)
+  assert not any(np.array_equal(v, f) for v in allz for f in fixed)
+  for s in ('calibration', 'test'):
+    np.testing.assert_array_equal(zs[s], rows[s].index['z'])
 
 
 @pipeline

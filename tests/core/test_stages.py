@@ -106,3 +106,16 @@ def test_bank_on_another_cpu_isa_agrees_within_tolerance(tmp_path_factory, tmp_p
   np.testing.assert_array_equal(np.asarray(a.key_classes), np.asarray(b.key_classes))
   np.testing.assert_allclose(np.asarray(a.keys), np.asarray(b.keys), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(a.values), np.asarray(b.values), rtol=1e-4, atol=1e-5)
+
+
+def test_loaded_bank_searches_with_the_configs_index(tmp_path_factory):
+  """bank.index / bank.faiss_threads reach every stage's bank (core.stages.load_bank_at)."""
+  c, wd, _ = backbone_workdir(tmp_path_factory)
+  if not os.path.exists(os.path.join(wd, 'bank', 'manifest.json')):
+    stages.build_bank(registry.get(c), wd, progress=False)
+  assert _load_bank(c, wd).host.index.kind == 'flat'
+  c = c.copy_and_resolve_references()
+  c.bank.index, c.bank.faiss_threads, c.bank.ivf_nlist = 'ivf', 1, 2
+  b = _load_bank(c, wd)
+  assert b.host.index.kind == 'ivf' and b.host.index.faiss_threads == 1
+  assert b.ivf is not None

@@ -132,3 +132,27 @@ def test_budget_mode_and_flags(setup):
   got = json.loads(r.stdout.strip().splitlines()[-1])
   assert got['num_ok'] == N_GOOD and got['num_errors'] == 1 and got['rule'] == 'paper'
   assert '[batch] skipped broken.png' in r.stdout
+
+
+def test_a_data_split_and_the_budget_sweep(setup):
+  """`--split test` routes the prepared split's maps (one line each, named by index); `--sweep
+  --budget G` routes the predictor's test rows within G GMACs per input and says so."""
+  from fiancee_jax.infer import sweep  # noqa: PLC0415
+  s = setup
+  c = s['c']
+  out = str(s['root'] / 'split')
+  summary = batch.run(s['bb'], s['wd'], out, split='test', threshold=0.3,
+                      rule=rules.check('paper'), chunk=4, engine=s['eng'], warm=False)
+  lines = _lines(out)
+  assert summary['num_ok'] == len(lines) == c.data.num_test
+  assert all(r['status'] == 'ok' and os.path.isfile(r['image']) for r in lines)
+  assert len({r['name'] for r in lines}) == c.data.num_test
+  costs = s['eng'].costs
+  budget = float(costs[0] + costs[-1]) / 2
+  rep = sweep.budget_sweep(s['bb'], s['wd'], budget, engine=s['eng'], repeats=1,
+                           out_dir=str(s['root'] / 'report'))
+  assert rep['num_test'] == c.predictor.num_test
+  assert rep['mean_gmacs'] <= budget + 1e-9 and sum(rep['exit_counts']) == rep['num_test']
+  assert 0 <= rep['violation_rate_at_target'] <= 1 and rep['latency']['speedup'] > 0
+  with open(rep['path']) as f:
+    assert json.load(f)['budget_gmacs'] == budget

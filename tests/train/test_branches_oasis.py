@@ -59,6 +59,24 @@ def test_branch_step_and_resume(tmp_path_factory, tmp_path):
     assert not _leaves_equal(d_i, bb_state.params_d)
   p = stages.load_pipeline(bb, wd, stages=('backbone', 'bank', 'branches'))
   assert _leaves_equal(p.params['branches']['params'], state2.params_b)
+  # an exported checkpoint (what assets/ ships) continues at its step, from its branch
+  # variables, with a fresh optimiser and the backbone's discriminator copies
+  wd3 = str(tmp_path / 'wd3')
+  shutil.copytree(wd, wd3, ignore=shutil.ignore_patterns('branches'))
+  checkpoint.export(wd, 'branches', wd3, keep=('branches',))
+  c.branches.num_steps = 3
+  seen.clear()
+  state3 = tb.train_and_evaluate(
+      bb, wd3, hooks=[lambda step, st, m: seen.append(step)])
+  assert seen == [3]
+  assert int(state3.step) == 3
+  assert not _leaves_equal(state3.params_b, state2.params_b)
+  # one Adam step (<= ~lr per weight) from the exported variables, not from a fresh init
+  fresh = tb.create_train_state(bb, tb.build_models(bb), tb.load_backbone_discriminator(bb, wd))
+  dist = lambda a, b: max(float(np.abs(np.asarray(x) - np.asarray(y)).max())  # noqa: E731
+                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert dist(state3.params_b, state2.params_b) < 3 * c.branches.lr
+  assert dist(fresh.params_b, state2.params_b) > 30 * c.branches.lr
 
 
 def test_branch_sn_kernels_follow_the_backbone_init(tmp_path_factory):

@@ -2,7 +2,9 @@
 
   train        config.predictor.num_train maps of the 'train' split x the K fixed noises
                (K = config.predictor.num_noises; the bank's noises when build_bank saved them)
-  validation   held-out maps of the 'validation' split with the same K noises (Table S3)
+               or, with predictor.noises='fresh', x K new noises per map
+  validation   held-out maps of the 'validation' split with the same K noises, or fresh ones
+               (Table S3)
   calibration  the other part of the predictor.num_validation 'validation' maps
                (routing.calibration_fraction), each with a fresh noise
   test         predictor.num_test maps of the 'test' split with fresh noises (Table S4)
@@ -23,7 +25,8 @@ from fiancee_jax.backbones.oasis import bank_inputs
 from fiancee_jax.core import routing
 from fiancee_jax.core.predictor_data import PredictorDataError, RowSet
 
-FRESH_NOISE_TAGS = {'calibration': 101, 'test': 102}   # fold_in tags, not the bank's
+FRESH_NOISE_TAGS = {'calibration': 101, 'test': 102,   # fold_in tags, not the bank's
+                    'train': 103, 'validation': 104}
 
 
 def fixed_noises(config, workdir: str, num: int) -> np.ndarray:
@@ -65,15 +68,18 @@ class OASISPredictorRows:
     p = c.predictor
     k = int(p.num_noises)
     noises = fixed_noises(c, workdir, k)
+    fresh = p.noises == 'fresh'
     if split == 'train':
       data_split = 'train'
-      maps, z = np.repeat(np.arange(p.num_train), k), np.tile(noises, (p.num_train, 1))
+      maps = np.repeat(np.arange(p.num_train), k)
+      z = fresh_noises(c, 'train', len(maps)) if fresh else np.tile(noises, (p.num_train, 1))
     elif split in ('validation', 'calibration'):
       cal, val = routing.calibration_split(p.num_validation, c.routing.calibration_fraction,
                                            seed=c.seed)
       data_split = 'validation'
       if split == 'validation':
-        maps, z = val, noises[np.arange(len(val)) % k]
+        maps = val
+        z = fresh_noises(c, 'validation', len(val)) if fresh else noises[np.arange(len(val)) % k]
       else:
         maps, z = cal, fresh_noises(c, 'calibration', len(cal))
     elif split == 'test':
