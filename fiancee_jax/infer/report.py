@@ -44,8 +44,8 @@ _COMMON_FIGURES = {'violation': 'violation_rate.png', 'latency': 'latency.png',
 _TEXT = {
     'oasis': {'inputs': 'held-out maps, new noises', 'paper_exits': 'Fig. 3',
               'paper_quality': 'Fig. 4 uses FID; here mean LPIPS vs the backbone',
-              'prefix': 'Route functions recompute the backbone prefix (first conv + ResBlock 1) '
-                        'that the predictor already ran',
+              'prefix': 'The backbone prefix (first conv + ResBlock 1), which the routed call '
+                        'runs once and the chosen route continues from, alone',
               'predictor': 'prefix + predictor', 'eval': 'Tables S3 / S4',
               'sample_inputs': 'Label'},
     'heads': {'inputs': '(source, driver) pairs of the test split, the driver of another '
