@@ -6,7 +6,8 @@ processes must stop at step 1 with one checkpoint, equal (within float tolerance
 one process with 4 devices on the same global batch; the same processes then resume for one
 more step, equal to one step of that one process resumed from the two processes' checkpoint.
 A wrong reduction (one model per host, a halved or duplicated global batch) moves the weights
-by O(1e-2). Each comparison is one step from the same state: Adam's first updates are about
+by O(1e-2); the tolerance is 1e-4 (under AVX2-only kernels one kernel element of 36864 was
+2.3e-5 off after a step, over the earlier 2e-5). Each comparison is one step from the same state: Adam's first updates are about
 lr * sign(gradient), so where a gradient is near zero the summation order of the reduction
 (gloo across processes vs XLA's within one) flips the sign, and after two steps one process
 with 2 devices and one with 4 devices already differ by ~1e-3 (measured). The same launch
@@ -107,7 +108,7 @@ def _assert_trees_close(a, b, what):
   assert len(la) == len(lb) > 0, what
   for (path, x), y in zip(la, lb):
     np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                               rtol=1e-4, atol=2e-5, err_msg=f'{what}{jax.tree_util.keystr(path)}')
+                               rtol=1e-4, atol=1e-4, err_msg=f'{what}{jax.tree_util.keystr(path)}')
 
 
 @pytest.fixture(scope='module')
