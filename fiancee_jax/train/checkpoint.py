@@ -170,8 +170,9 @@ def export(workdir: str, stage: str, dest_workdir: str, keep: Sequence[str]) -> 
   """Copy the latest `stage` checkpoint of `workdir` into `dest_workdir` with only the entries
   `keep` of its state (e.g. the branch variables later stages load, without the optimiser
   and discriminator states): an artifact small enough to ship. The metadata is kept, with
-  'exported' = keep; such a checkpoint feeds the later stages; the branch stage
-  continues from it with a fresh optimiser (`train.branches.continue_exported`), not an exact resume.
+  'exported' = keep; such a checkpoint feeds the later stages, and the branch stage
+  continues from it with a fresh optimiser (`train.branches.continue_exported`; not an
+  exact resume).
   Returns the written step's directory."""
   src = Checkpointer(workdir, stage, None, read_only=True)
   try:
