@@ -38,14 +38,15 @@ def get_config(arg=None):
   # the paper's adversarial step (4 D copies + VGG19 + LPIPS) at ~4x a distillation step here,
   # and the distillation's exits closer to the backbone per step.
   c.branches.init = 'backbone'
-  c.branches.num_steps = 300       # the shipped branches (assets/oasis_synthetic/README.md)
+  c.branches.num_steps = 800       # the shipped branches (assets/oasis_synthetic/README.md)
   c.branches.warmup_steps = -1      # distillation at every step (no adversarial phase)
   c.branches.sample_every = c.branches.ckpt_every = 100
   c.bank.num_maps = 100
   c.bank.num_noises = 5
   c.bank.max_per_class = 500
-  # Rows: 300 train maps x 4 noises, 100 validation maps x 4 (Table S3), 100 calibration and
-  # 200 test maps (the whole test split) with fresh noises: the report's test inputs.
+  # Rows: 300 train maps x 4 noises (1,200 rows), 100 validation maps (Table S3) and 100
+  # calibration maps of the validation split, 200 test maps (the whole test split): the
+  # report's test inputs. Every row but the train ones has one fresh noise.
   c.predictor.num_noises = 4
   c.predictor.num_train = 300
   c.predictor.num_validation = 200
@@ -53,6 +54,13 @@ def get_config(arg=None):
   c.predictor.conv_channels = 64
   c.predictor.mlp = (256, 128, 64, 32)
   c.predictor.num_steps = 1000
+  # Adam (lr 1e-3) on standardised targets instead of the paper's SGD (lr 0.01) + MSE on raw
+  # LPIPS: on the shipped step-800 branches the paper's recipe ended at 16-18% relative error,
+  # *worse* than predicting the training mean (14%); this one at 11-12%, which cut the
+  # calibrated offset at threshold 0.1 from 0.024 to ~0.005 (README, "Predictor training").
+  c.predictor.optimizer = 'adam_cosine'
+  c.predictor.lr = 1e-3
+  c.predictor.target_norm = True
   # Every train / validation row its own noise: with 4 fixed ones (the bank's) the predictor's
   # error on test inputs (new noises) was twice its validation error (docs/demo_report).
   c.predictor.noises = 'fresh'

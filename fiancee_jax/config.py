@@ -108,6 +108,9 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   c.predictor.batch_size = 64
   c.predictor.num_steps = 2000
   c.predictor.lr = 0.01
+  # Standardise the targets: the net learns (LPIPS - mean) / std per exit of the training rows
+  # (stored with the params; core/predictor_model.py). The paper trains on raw LPIPS.
+  c.predictor.target_norm = False
 
   c.routing = ml_collections.ConfigDict()
   c.routing.alpha = 0.1          # conformal: allowed share of outputs above the threshold
@@ -282,6 +285,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.bank.max_per_class > 0, 'bank.max_per_class must be > 0')
   need(config.bank.compute_batch > 0,
        f'bank.compute_batch={config.bank.compute_batch}: expected > 0')
+  need(config.predictor.optimizer in ('sgd_cosine', 'adamw_cosine', 'adam_cosine'),
+       f"predictor.optimizer={config.predictor.optimizer!r}: expected 'sgd_cosine', "
+       "'adamw_cosine' or 'adam_cosine'")
   need(0 < config.routing.alpha < 1, f'routing.alpha={config.routing.alpha}: expected in (0, 1)')
   need(0 < config.routing.calibration_fraction < 1,
        'routing.calibration_fraction: expected in (0, 1)')

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from fiancee_jax import config as cfg
 from fiancee_jax import workdir as wd
 from fiancee_jax.core import bank as bank_lib
+from fiancee_jax.core import predictor_model
 from fiancee_jax.core.interface import Backbone
 from fiancee_jax.core.pipeline import Pipeline, PipelineError, init_branches
 from fiancee_jax.train import checkpoint
@@ -137,7 +138,7 @@ def load_pipeline(backbone: Backbone, workdir: str, stages: Sequence[str] = STAG
         jax.random.PRNGKey(config.seed))
   predictor, p_vars = None, None
   if 'predictor' in stages:
-    predictor, p_vars = backbone.predictor(), load_predictor(backbone, workdir)
+    predictor, p_vars = predictor_model.model(backbone), load_predictor(backbone, workdir)
   params = {'generator': gen_vars, 'branches': b_vars, 'predictor': p_vars, 'bank': bank}
   return Pipeline(backbone, gen, br, predictor, params, backbone.route_costs(use_bank),
                   backbone.exits)

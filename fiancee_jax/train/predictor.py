@@ -26,7 +26,7 @@ import optax
 from fiancee_jax import workdir as wdir
 from fiancee_jax import config as cfg
 from fiancee_jax import workdir as wd
-from fiancee_jax.core import predictor_data
+from fiancee_jax.core import predictor_data, predictor_model
 from fiancee_jax.core import stages
 from fiancee_jax.core.interface import Backbone
 from fiancee_jax.core.predictor_data import SPLITS, PredictorDataError
@@ -57,15 +57,23 @@ def loss_fn(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """SGD + cosine (OASIS, S1.1.2) or AdamW + cosine (head avatars, S1.2.2)."""
+  """SGD + cosine (OASIS, S1.1.2), AdamW + cosine (head avatars, S1.2.2) or Adam + cosine (the
+  demo's); with predictor.target_norm the target stats stay frozen."""
   p = config.predictor
   schedule = optax.cosine_decay_schedule(p.lr, max(int(p.num_steps), 1))
   if p.optimizer == 'sgd_cosine':
-    return optax.sgd(schedule)
-  if p.optimizer == 'adamw_cosine':  # S1.2.2: AdamW(0.05, 0.999), weight decay 1e-2
-    return optax.adamw(schedule, b1=0.05, b2=0.999, weight_decay=1e-2)
-  raise ValueError(f"predictor.optimizer={p.optimizer!r}: expected 'sgd_cosine' or "
-                   "'adamw_cosine'")
+    tx = optax.sgd(schedule)
+  elif p.optimizer == 'adamw_cosine':  # S1.2.2: AdamW(0.05, 0.999), weight decay 1e-2
+    tx = optax.adamw(schedule, b1=0.05, b2=0.999, weight_decay=1e-2)
+  elif p.optimizer == 'adam_cosine':
+    tx = optax.adam(schedule)
+  else:
+    raise ValueError(f"predictor.optimizer={p.optimizer!r}: expected 'sgd_cosine', "
+                     "'adamw_cosine' or 'adam_cosine'")
+  if p.target_norm:
+    return optax.multi_transform({'fit': tx, 'frozen': optax.set_to_zero()},
+                                 predictor_model.frozen_labels)
+  return tx
 
 
 def input_shape(backbone: Backbone) -> tuple[int, ...]:
@@ -75,13 +83,16 @@ def input_shape(backbone: Backbone) -> tuple[int, ...]:
 
 
 def create_state(backbone: Backbone, feat_shape: Sequence[int], model: Any = None,
-                 tx: Any = None) -> dict[str, PyTree]:
-  """{'step', 'params', 'opt_state'} (host arrays) for inputs of shape `feat_shape`."""
+                 tx: Any = None, targets: np.ndarray | None = None) -> dict[str, PyTree]:
+  """{'step', 'params', 'opt_state'} (host arrays) for inputs of shape `feat_shape`;
+  `targets` (N, E): the training rows' LPIPS, whose mean / std a target_norm model keeps."""
   config = backbone.config
-  model = model or backbone.predictor()
+  model = model or predictor_model.model(backbone)
   tx = tx or make_optimizer(config)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x9D)
   params = jax.jit(model.init)(key, jnp.zeros((1,) + tuple(feat_shape), jnp.float32))['params']
+  if targets is not None and config.predictor.target_norm:
+    params = predictor_model.set_target_stats(params, targets)
   return jax.device_get({'step': jnp.zeros((), jnp.int32), 'params': params,
                          'opt_state': tx.init(params)})
 
@@ -106,7 +117,8 @@ def train_step(state: dict[str, PyTree], batch: dict[str, jax.Array], *, model: 
   """One optimiser step on this device's share of the batch (grads pmean-ed over devices)."""
   def loss_of(params):
     pred = model.apply({'params': params}, batch['feats'])
-    return loss_fn(pred, batch['targets'], loss)
+    scale = predictor_model.residual_scale(params)   # 1, or each exit's train std
+    return loss_fn(pred / scale, batch['targets'] / scale, loss)
 
   value, grads = jax.value_and_grad(loss_of)(state['params'])
   if axis_name is not None:
@@ -135,8 +147,11 @@ def relative_error(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def evaluate(backbone: Backbone, workdir: str, model: Any, params: PyTree,
-             rows_by_split: dict[str, dict]) -> dict[str, Any]:
-  """Relative error per exit on each split (+ mean), written to `<workdir>/predictor/eval.json`."""
+             rows_by_split: dict[str, dict],
+             train_mean: np.ndarray | None = None) -> dict[str, Any]:
+  """Relative error per exit on each split (+ mean), written to `<workdir>/predictor/eval.json`;
+  with `train_mean` (E,), also the error of predicting it for every row (the floor a predictor
+  must beat to have learnt anything from its input)."""
   out: dict[str, Any] = {'definition': 'mean |pred - true| / mean true, per exit',
                          'exits': [int(k) for k in backbone.exits]}
   for split, rows in rows_by_split.items():
@@ -145,6 +160,10 @@ def evaluate(backbone: Backbone, workdir: str, model: Any, params: PyTree,
     out[split] = {'rel_error': rel.tolist(), 'mean_rel_error': float(rel.mean()),
                   'mae': np.mean(np.abs(pred - rows['targets']), 0).tolist(),
                   'mean_true': np.mean(rows['targets'], 0).tolist(), 'rows': int(len(pred))}
+    if train_mean is not None:
+      const = np.broadcast_to(np.asarray(train_mean, np.float64), rows['targets'].shape)
+      out[split]['mean_rel_error_train_mean'] = float(relative_error(const,
+                                                                     rows['targets']).mean())
   if jax.process_index() == 0:  # every process computes the same numbers
     atomic_write(os.path.join(stage_dir(workdir), 'eval.json'), json.dumps(out, indent=1))
   return out
@@ -153,12 +172,14 @@ def evaluate(backbone: Backbone, workdir: str, model: Any, params: PyTree,
 def format_eval(ev: dict[str, Any]) -> str:
   """Tables S3 / S4 layout: one line per split, relative error per exit in %."""
   head = ' '.join(f'B{k:<5}' for k in ev['exits'])
-  lines = [f'{"split":<12} {head} mean']
+  lines = [f'{"split":<12} {head} mean   (predicting the train mean)']
   for split in ('validation', 'test', 'calibration', 'train'):
     if split in ev:
       r = ev[split]
+      base = r.get('mean_rel_error_train_mean')
       lines.append(f'{split:<12} ' + ' '.join(f'{100 * v:5.1f}%' for v in r['rel_error'])
-                   + f' {100 * r["mean_rel_error"]:5.1f}%')
+                   + f' {100 * r["mean_rel_error"]:5.1f}%'
+                   + ('' if base is None else f'  ({100 * base:5.1f}%)'))
   return '\n'.join(lines)
 
 
@@ -201,7 +222,7 @@ def train_and_evaluate(backbone: Backbone, workdir: str) -> dict[str, PyTree]:
   cfg.validate(config)
   p = config.predictor
   rows = datasets(backbone, workdir)
-  model = backbone.predictor()
+  model = predictor_model.model(backbone)
   tx = make_optimizer(config)
   step_fn = functools.partial(train_step, model=model, tx=tx, loss=p.loss)
   dp = parallel.wrap(step_fn, config.parallel)
@@ -213,7 +234,8 @@ def train_and_evaluate(backbone: Backbone, workdir: str) -> dict[str, PyTree]:
                              f'{len(train_src)} training rows (predictor.num_train x '
                              'predictor.num_noises)')
   ckpt = checkpoint.Checkpointer(workdir, STAGE, config)
-  host = create_state(backbone, rows['train']['feats'].shape[1:], model, tx)
+  host = create_state(backbone, rows['train']['feats'].shape[1:], model, tx,
+                      rows['train']['targets'])
   loader_state = None
   try:
     if ckpt.latest_step() is not None:
@@ -237,7 +259,8 @@ def train_and_evaluate(backbone: Backbone, workdir: str) -> dict[str, PyTree]:
         progress.update(step, m)
     host = dp.get_state(state)
     ev = evaluate(backbone, workdir, model, host['params'],
-                  {s: rows[s] for s in ('validation', 'test', 'calibration')})
+                  {s: rows[s] for s in ('validation', 'test', 'calibration')},
+                  train_mean=rows['train']['targets'].mean(0))
     print(f'[{STAGE}] relative error per exit ({ev["definition"]}):\n{format_eval(ev)}',
           flush=True)
     if ckpt.latest_step() != int(host['step']):

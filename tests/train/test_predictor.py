@@ -9,6 +9,7 @@ import pytest
 
 from fiancee_jax import config as cfg
 from fiancee_jax import registry
+from fiancee_jax.core import predictor_model
 from fiancee_jax.train import predictor as tp
 from tests.conftest import tiny_config
 
@@ -82,3 +83,62 @@ def test_motion_predictor_shapes(repo):
   assert model.apply(params, keys).shape == (2, 3)
   # Table S7: about 1M parameters.
   assert 0.3 < _count(params) / 1e6 < 1.5
+
+
+def _lpips_like_task(n, shape, num_exits, seed):
+  """Rows whose targets, in a narrow LPIPS-like band (mean ~0.08, std ~0.015), depend linearly
+  on the features: a predictor that learns anything beats predicting the mean."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n,) + shape).astype(np.float32)
+  w = np.random.default_rng(99).normal(size=(4, num_exits)) / 2
+  signal = x.reshape(n, -1, shape[-1])[..., :4].mean(1) * np.sqrt(x[0].size // shape[-1])
+  y = 0.08 + 0.015 * (signal @ w) + np.array([0.0, 0.002, -0.003, -0.02][:num_exits])
+  return x, y.astype(np.float32)
+
+
+def test_target_norm_keeps_train_stats_frozen_and_beats_the_mean():
+  c = tiny_config()
+  c.predictor.optimizer, c.predictor.lr, c.predictor.target_norm = 'adam_cosine', 3e-3, True
+  c.predictor.num_steps = 600
+  bb = registry.get(c)
+  shape, e = tp.input_shape(bb), len(c.branches.exits)
+  x, y = _lpips_like_task(4096, shape, e, 0)
+  xt, yt = _lpips_like_task(256, shape, e, 1)
+  model, tx = predictor_model.model(bb), tp.make_optimizer(c)
+  state = tp.create_state(bb, shape, model, tx, y)
+  np.testing.assert_allclose(state['params']['target_mean'], y.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(state['params']['target_std'], y.std(0), rtol=1e-4)
+  stats0 = {k: np.array(state['params'][k]) for k in predictor_model.FROZEN}
+  step = jax.jit(functools.partial(tp.train_step, model=model, tx=tx, loss='mse', axis_name=None))
+  rng = np.random.default_rng(0)
+  for _ in range(c.predictor.num_steps):
+    b = rng.integers(0, len(x), 64)
+    state, _ = step(state, {'feats': jnp.asarray(x[b]), 'targets': jnp.asarray(y[b])})
+  for k, v in stats0.items():   # frozen: the optimiser's update is exactly zero
+    np.testing.assert_array_equal(np.asarray(state['params'][k]), v)
+  pred = tp.predict(model, state['params'], xt)
+  learnt = tp.relative_error(pred, yt).mean()
+  mean_only = tp.relative_error(np.broadcast_to(y.mean(0), yt.shape), yt).mean()
+  assert learnt < 0.4 * mean_only, (learnt, mean_only)
+
+
+def test_target_norm_predicts_net_times_std_plus_mean():
+  c = tiny_config()
+  c.predictor.target_norm = True
+  bb = registry.get(c)
+  shape, e = tp.input_shape(bb), len(c.branches.exits)
+  model = predictor_model.model(bb)
+  params = model.init(jax.random.key(0), jnp.zeros((1,) + shape))['params']
+  y = np.random.default_rng(0).uniform(0.05, 0.1, (32, e)).astype(np.float32)
+  params = predictor_model.set_target_stats(params, y)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3,) + shape), jnp.float32)
+  net = bb.predictor().apply({'params': params['net']}, x)
+  np.testing.assert_allclose(model.apply({'params': params}, x),
+                             net * y.std(0) + y.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_predictor_optimizer_is_one_clear_error():
+  c = tiny_config()
+  c.predictor.optimizer = 'lamb'
+  with pytest.raises(ValueError, match="predictor.optimizer='lamb'"):
+    cfg.validate(c)
