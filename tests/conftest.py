@@ -116,6 +116,7 @@ def pytest_configure(config):
   import time
 
   import jax
+  config.addinivalue_line('markers', 'slow: an end-to-end module (make test-slow)')
   for old in glob.glob(os.path.join(tempfile.gettempdir(), 'fiancee_xla_cache_*')):
     if time.time() - os.path.getmtime(old) > 24 * 3600:  # earlier runs' caches, a day on
       shutil.rmtree(old, ignore_errors=True)
@@ -138,6 +139,18 @@ _SLOW_FIRST = ('test_multihost', 'test_adapter', 'test_branches_oasis', 'test_pa
                'test_video_frames_pipeline', 'test_train_parity', 'test_stages')
 
 
+# The end-to-end modules: multi-process runs, whole stages on tiny trained workdirs, PyTorch
+# parity of the training step. Marked `slow`: `make test` runs the rest (the 10-minute tier),
+# `make test-slow` these, and `.ci/run` both.
+SLOW_MODULES = ('test_multihost', 'test_adapter', 'test_branches_oasis', 'test_parallel',
+                'test_sweep_heads', 'test_kill_safety', 'test_video_frames_pipeline',
+                'test_branches_heads', 'test_branches_init', 'test_gan_megaportraits',
+                'test_entry_errors', 'test_generic_core', 'test_batch_cli', 'test_train_parity')
+
+
 def pytest_collection_modifyitems(session, config, items):
+  for item in items:
+    if item.module.__name__.rsplit('.', 1)[-1] in SLOW_MODULES:
+      item.add_marker(pytest.mark.slow)
   rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
   items.sort(key=lambda item: rank.get(item.module.__name__.rsplit('.', 1)[-1], len(rank)))
