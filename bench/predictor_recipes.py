@@ -102,7 +102,7 @@ def main() -> None:
       t0 = time.perf_counter()
       state = tp.create_state(b, rows['train']['feats'].shape[1:], model, tx,
                               rows['train']['targets'])
-      it = iter(data_loader.Loader(tp._Rows(rows['train']), c.predictor.batch_size, seed=seed))
+      it = iter(data_loader.Loader(tp.TrainRows(rows['train']), c.predictor.batch_size, seed=seed))
       for _ in range(int(c.predictor.num_steps)):
         batch = next(it)
         state, _ = step(state, {k: batch[k] for k in ('feats', 'targets')})

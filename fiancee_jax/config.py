@@ -241,6 +241,10 @@ def scaled_width(c: int, sf: float, min_channels: int, unit: int | None = None) 
   return max(scaled, min_channels)
 
 
+# predictor.optimizer values (train/predictor.py: make_optimizer builds each).
+PREDICTOR_OPTIMIZERS = ('sgd_cosine', 'adamw_cosine', 'adam_cosine')
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raise ConfigError listing every unknown/missing key and impossible value."""
   problems: list[str] = []
@@ -285,9 +289,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   need(config.bank.max_per_class > 0, 'bank.max_per_class must be > 0')
   need(config.bank.compute_batch > 0,
        f'bank.compute_batch={config.bank.compute_batch}: expected > 0')
-  need(config.predictor.optimizer in ('sgd_cosine', 'adamw_cosine', 'adam_cosine'),
-       f"predictor.optimizer={config.predictor.optimizer!r}: expected 'sgd_cosine', "
-       "'adamw_cosine' or 'adam_cosine'")
+  need(config.predictor.optimizer in PREDICTOR_OPTIMIZERS,
+       f'predictor.optimizer={config.predictor.optimizer!r}: expected one of '
+       f'{PREDICTOR_OPTIMIZERS}')
   need(0 < config.routing.alpha < 1, f'routing.alpha={config.routing.alpha}: expected in (0, 1)')
   need(0 < config.routing.calibration_fraction < 1,
        'routing.calibration_fraction: expected in (0, 1)')

@@ -148,9 +148,13 @@ SLOW_MODULES = ('test_multihost', 'test_adapter', 'test_branches_oasis', 'test_p
                 'test_entry_errors', 'test_generic_core', 'test_batch_cli', 'test_train_parity')
 
 
+def _module_name(item) -> str:
+  return item.module.__name__.rsplit('.', 1)[-1]
+
+
 def pytest_collection_modifyitems(session, config, items):
   for item in items:
-    if item.module.__name__.rsplit('.', 1)[-1] in SLOW_MODULES:
+    if _module_name(item) in SLOW_MODULES:
       item.add_marker(pytest.mark.slow)
   rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(item.module.__name__.rsplit('.', 1)[-1], len(rank)))
+  items.sort(key=lambda item: rank.get(_module_name(item), len(rank)))

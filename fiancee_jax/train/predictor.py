@@ -68,8 +68,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
   elif p.optimizer == 'adam_cosine':
     tx = optax.adam(schedule)
   else:
-    raise ValueError(f"predictor.optimizer={p.optimizer!r}: expected 'sgd_cosine', "
-                     "'adamw_cosine' or 'adam_cosine'")
+    raise ValueError(f'predictor.optimizer={p.optimizer!r}: expected one of '
+                     f'{cfg.PREDICTOR_OPTIMIZERS}')
   if p.target_norm:
     return optax.multi_transform({'fit': tx, 'frozen': optax.set_to_zero()},
                                  predictor_model.frozen_labels)
@@ -187,7 +187,7 @@ def format_eval(ev: dict[str, Any]) -> str:
 # The stage.
 
 
-class _Rows:
+class TrainRows:
   """Random-access source of predictor rows for the data Loader."""
 
   def __init__(self, rows: dict[str, np.ndarray]):
@@ -228,7 +228,7 @@ def train_and_evaluate(backbone: Backbone, workdir: str) -> dict[str, PyTree]:
   dp = parallel.wrap(step_fn, config.parallel)
   parallel.check_batch_size(p.batch_size, dp.num_devices, 'predictor.batch_size')
 
-  train_src = _Rows(rows['train'])
+  train_src = TrainRows(rows['train'])
   if len(train_src) < p.batch_size:
     raise PredictorDataError(f'predictor.batch_size={p.batch_size} exceeds the '
                              f'{len(train_src)} training rows (predictor.num_train x '
