@@ -32,6 +32,18 @@ from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.train import predictor as tp
 
 
+class _Phases:
+  """Console lines with the seconds each phase of the sweep took."""
+
+  def __init__(self):
+    self.t = time.perf_counter()
+
+  def done(self, what: str) -> None:
+    now = time.perf_counter()
+    print(f'[sweep] {what}: {now - self.t:.0f} s', flush=True)
+    self.t = now
+
+
 def _label(rule: rules.Rule) -> str:
   """The rule's legend entry in the figures."""
   if rule.name == 'calibrated':
@@ -161,21 +173,24 @@ def unguided_lpips(backbone: Backbone, workdir: str, inputs: Sequence[np.ndarray
   print(f'[sweep] Fig. 8: the unguided branches of {nobank} on the same inputs', flush=True)
   pipeline = stages.load_pipeline(backbone, workdir, stages=('backbone', 'branches'),
                                   use_bank=False)
+  n = len(inputs[0])
+  bs = -(-n // -(-n // batch_size))  # equal batches: 200 rows as 4 x 50, not 4 x 64 padded
   rows = predictor_data.Targets(pipeline).compute(  # the sweep's inputs are route inputs
-      pipeline.params, lpips_lib.load_params(), inputs, batch_size, name='test, no bank')
+      pipeline.params, lpips_lib.load_params(), inputs, bs, name='test, no bank')
   return rows['targets']
 
 
 def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | None = None,
           out_dir: str | None = None, repeats: int = 3, batch_size: int | None = None,
           num_samples: int = 4, engine: Engine | None = None,
-          rule: rules.Rule | None = None) -> dict[str, Any]:
+          rule: rules.Rule | None = None, latency_images: int = 128) -> dict[str, Any]:
   """Run the sweep on the predictor's test split and write the report; returns the summary
   (also `<out_dir>/summary.json`, default `<workdir>/report`). `engine`: the compiled
   pipeline of `workdir` (built here when not given). `rule` (`infer.rules.check`; default
   the calibrated rule at config.routing.alpha): the rule of the `calibrated_*` columns and
   of the headline, next to the paper rule; its offsets come from the cached calibration
-  rows (a missing cache: one error naming `train.py --stage=predictor`)."""
+  rows (a missing cache: one error naming `train.py --stage=predictor`). Wall clock is timed
+  on the first `latency_images` test inputs (whole batches of `batch_size`)."""
   config = backbone.config
   thresholds = tuple(config.routing.thresholds if thresholds is None else thresholds)
   if not thresholds:
@@ -191,6 +206,7 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
   costs = engine.costs
   exits = list(engine.exits)
 
+  clock = _Phases()
   print('[sweep] predictor datasets (cached by train.py --stage=predictor)', flush=True)
   test = predictor_data.dataset(backbone, workdir, 'test', pipeline)
   p_params = pipeline.params['predictor']['params']
@@ -215,11 +231,17 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
   offset = head['offset'] if math.isfinite(head['offset']) else (
       math.inf if head['offset'] > 0 else -1e9)
   t_head = head['threshold']
-  latency = measure_latency(engine, inputs, bs, repeats, t_head, offset)
+  clock.done('load, rule and test rows')
+  timed = tuple(x[:max(int(latency_images), bs)] for x in inputs)
+  latency = measure_latency(engine, timed, bs, repeats, t_head, offset)
+  clock.done('latency')
   taken = np.asarray(routing.choose_exit(pred, t_head, costs, offset))
   samples = sample_grid(engine, backbone_inputs, inputs, taken[:min(num_samples, n)])
+  clock.done('sample grid')
 
   true_nobank = unguided_lpips(backbone, workdir, inputs, bs)
+  if true_nobank is not None:
+    clock.done('Fig. 8 without the bank')
 
   eval_path = os.path.join(wd.predictor_dir(workdir), 'eval.json')
   pred_eval = None
@@ -267,6 +289,7 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
       **backbone_inputs.sweep_extras(pipeline, test, inputs, extra, taken, t_head),
   }
   paths = report.write(out_dir, result)
+  clock.done('report and figures')
   summary['report'] = paths['report']
   return summary
 
