@@ -102,18 +102,8 @@ def main() -> None:
   def timed(fn):
     return engine_lib.time_fn(fn, a.repeats, warmup=1)
 
-  def paired(fa, fb, repeats=None):
-    """Medians of fa and fb timed in alternation (A B A B ...): load that drifts on a shared
-    machine hits both alike."""
-    engine_lib.block(fa())
-    engine_lib.block(fb())
-    ta, tb = [], []
-    for _ in range(repeats or a.repeats):
-      for fn, out in ((fa, ta), (fb, tb)):
-        t0 = time.perf_counter()
-        engine_lib.block(fn())
-        out.append(time.perf_counter() - t0)
-    return float(np.median(ta)), float(np.median(tb))
+  def paired(fa, fb):
+    return engine_lib.paired_times(fa, fb, a.repeats)
 
   for b in batches:
     if b == 1:
@@ -158,13 +148,7 @@ def main() -> None:
   t_prefix = timed(lambda: eng.prefix(params, *x))
   t_guide = timed(lambda: eng.guide(params, *x))
   t_routed = timed(lambda: eng.routed_one(params, x, t32, c32, o32))
-  # The whole cost of routing: the routed call made to take the cheapest exit (every
-  # prediction is under a threshold of 1e6) against that exit's route alone, timed in
-  # alternation; both run the prefix once, the retrieval and the branch.
-  big = jnp.float32(1e6)
-  t_forced, t_alone = paired(lambda: eng.routed_one(params, x, big, c32, jnp.float32(0.0)),
-                             lambda: eng.routes[cheapest](params, *x), max(a.repeats, 30))
-  forced_exit = int(eng.routed_one(params, x, big, c32, jnp.float32(0.0))[1]['exit'])
+  cost = engine_lib.routing_cost(eng, x, max(a.repeats, 30))
   print(json.dumps({
       'name': 'routing_overhead_batch1', 'cheapest_route': eng.route_name(cheapest),
       'cheapest_route_ms': 1e3 * t_cheap, 'prefix_predictor_choice_ms': 1e3 * t_choice,
@@ -173,9 +157,7 @@ def main() -> None:
       'overhead_minus_prefix_share_of_cheapest': max(t_choice - t_prefix, 0.0) / t_cheap,
       'retrieval_share_of_cheapest': max(t_guide - t_prefix, 0.0) / t_cheap,
       'routed_one_ms_this_input': 1e3 * t_routed,
-      'routed_one_forced_cheapest_ms': 1e3 * t_forced, 'forced_exit': forced_exit,
-      'cheapest_route_paired_ms': 1e3 * t_alone,
-      'routing_cost_share_of_cheapest': (t_forced - t_alone) / t_alone,
+      'routing_cost': cost, 'routing_cost_share_of_cheapest': cost['share_of_cheapest'],
       'note': 'the prefix is shared: the routed call runs it once, the exit continues from it',
       **common}), flush=True)
 

@@ -60,6 +60,38 @@ def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
   return statistics.median(times)
 
 
+def paired_times(fa: Callable[[], Any], fb: Callable[[], Any],
+                 repeats: int = 5) -> tuple[float, float]:
+  """Median wall-clock seconds of fa() and fb() timed in alternation (A B A B ..., one warm-up
+  call each): load that drifts on a shared machine hits both alike."""
+  block(fa())
+  block(fb())
+  ta, tb = [], []
+  for _ in range(max(repeats, 1)):
+    for fn, out in ((fa, ta), (fb, tb)):
+      t0 = time.perf_counter()
+      block(fn())
+      out.append(time.perf_counter() - t0)
+  return statistics.median(ta), statistics.median(tb)
+
+
+def routing_cost(engine: 'Engine', x: tuple, repeats: int = 30) -> dict[str, Any]:
+  """What routing adds to a route at batch 1: `routed_one` made to take the cheapest exit
+  (threshold 1e6, offset 0: every prediction is under it) against that exit's route alone on
+  the same input `x` (a tuple of batch-1 arrays), paired medians. Both run the prefix once, the
+  retrieval and the branch; the difference is predictor, choice and switch."""
+  params = engine.params
+  cheapest = int(np.argmin(engine.costs))
+  big, zero = jnp.float32(1e6), jnp.float32(0.0)
+  c32 = jnp.asarray(engine.costs, jnp.float32)
+  forced, alone = paired_times(lambda: engine.routed_one(params, x, big, c32, zero),
+                               lambda: engine.routes[cheapest](params, *x), repeats)
+  taken = int(engine.routed_one(params, x, big, c32, zero)[1]['exit'])
+  return {'cheapest_route': engine.route_name(cheapest), 'forced_exit': engine.route_name(taken),
+          'routed_forced_ms': 1e3 * forced, 'route_alone_ms': 1e3 * alone,
+          'share_of_cheapest': (forced - alone) / alone, 'repeats': int(repeats)}
+
+
 def device_name() -> str:
   d = jax.devices()[0]
   kind = getattr(d, 'device_kind', d.platform)

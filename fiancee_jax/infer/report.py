@@ -347,6 +347,14 @@ def _best_line(s: dict[str, Any]) -> list[str]:
           f'GMACs share {b["gmacs_share"]:.3f}.', '']
 
 
+def _cost_line(cost: dict[str, Any] | None) -> str:
+  if not cost:
+    return '.'
+  return (f'; the routed call forced to {cost["forced_exit"]} {cost["routed_forced_ms"]:.3f} ms '
+          f'vs the route alone {cost["route_alone_ms"]:.3f} ms (paired medians of '
+          f'{cost["repeats"]}): routing adds {cost["share_of_cheapest"]:.1%}.')
+
+
 def markdown(res: dict[str, Any]) -> str:
   s, lat = res['summary'], res['latency']
   kind = _kind(res)
@@ -371,8 +379,9 @@ def markdown(res: dict[str, Any]) -> str:
       f'{lat["batch_size"]}): **x{s["latency_speedup"]:.2f}**',
       f'- gain (Sec. 3.4, slope of mean GMACs vs realised LPIPS): '
       f'{_fmt(s["gain_gmacs_per_lpips"], 1)} GMACs/LPIPS',
-      f'- routing overhead ({text["predictor"]} + retrieval, batch 1) / cheapest route '
-      f'({ob["cheapest_route"]}): **{s["routing_overhead_share_of_cheapest"]:.1%}**', '',
+      f'- routing overhead at batch 1 (the routed call made to take the cheapest route, '
+      f'{ob["cheapest_route"]}, vs that route alone; the prefix is shared): '
+      f'**{s["routing_overhead_share_of_cheapest"]:.1%}** of the route', '',
       f'Paper rule (offset 0) at threshold {s["paper_rule"]["threshold"]:g}: mean LPIPS '
       f'{s["paper_rule"]["mean_lpips"]:.4f}, violation rate '
       f'{s["paper_rule"]["violation_rate"]:.3f}, GMACs share '
@@ -411,7 +420,8 @@ def markdown(res: dict[str, Any]) -> str:
       f'Batch 1: cheapest route {ob["cheapest_route_ms"]:.3f} ms, {text["predictor"]} '
       f'{ob["prefix_and_predictor_ms"]:.3f} ms ({ob["predictor_share_of_cheapest"]:.1%}), '
       f'retrieval {max(ob["prefix_and_retrieval_ms"] - ob["prefix_ms"], 0):.3f} ms '
-      f'({ob["retrieval_share_of_cheapest"]:.1%}; paper: ~16% on a P40).', '',
+      f'({ob["retrieval_share_of_cheapest"]:.1%}; paper: ~16% on a P40)'
+      + _cost_line(lat.get('routing_cost_batch1')), '',
       f'![quality vs compute]({fig["quality_compute"]}) '
       f'![latency]({_COMMON_FIGURES["latency"]})', '',
       '## Quality distributions', '',

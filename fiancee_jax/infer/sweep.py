@@ -26,7 +26,7 @@ from fiancee_jax.core import predictor_data, routing, stages
 from fiancee_jax.core.interface import Backbone
 from fiancee_jax.infer import inputs as inputs_lib
 from fiancee_jax.infer import report, rules
-from fiancee_jax.infer.engine import Engine, device_name, load, time_fn
+from fiancee_jax.infer.engine import Engine, device_name, load, routing_cost, time_fn
 from fiancee_jax.infer.inputs import TARGET_LPIPS, InferError
 from fiancee_jax.metrics import lpips as lpips_lib
 from fiancee_jax.train import predictor as tp
@@ -56,8 +56,9 @@ def _label(rule: rules.Rule) -> str:
 def measure_latency(engine: Engine, inputs: Sequence[np.ndarray], batch_size: int,
                     repeats: int, threshold: float, offset: float) -> dict[str, Any]:
   """Wall-clock of every route, the backbone and routed batched inference
-  (`Engine.routed_batch`) on the same batches in one run, + the batch-1 routing overhead
-  (prefix, predictor, retrieval) against the cheapest route."""
+  (`Engine.routed_batch`) on the same batches in one run, + at batch 1 the parts (prefix,
+  predictor, retrieval) against the cheapest route and what routing adds to it
+  (`engine.routing_cost`)."""
   params, costs = engine.params, engine.costs
   n, bs = len(inputs[0]), int(batch_size)
   batches = [tuple(x[i:i + bs] for x in inputs) for i in range(0, n - bs + 1, bs)] or \
@@ -84,6 +85,7 @@ def measure_latency(engine: Engine, inputs: Sequence[np.ndarray], batch_size: in
   t1 = {name: time_fn(lambda fn=fn: fn(params, *one), max(repeats, 5)) for name, fn in
         (('cheap', engine.routes[cheapest]), ('pred', engine.predict), ('guide', engine.guide),
          ('prefix', engine.prefix))}
+  cost = routing_cost(engine, tuple(jnp.asarray(a) for a in one), max(repeats, 20))
   n_run = bs * len(batches)
   lat = {
       'batch_size': bs, 'num_images': n_run, 'repeats': repeats,
@@ -104,6 +106,7 @@ def measure_latency(engine: Engine, inputs: Sequence[np.ndarray], batch_size: in
           'prefix_and_retrieval_ms': 1e3 * t1['guide'],
           'predictor_share_of_cheapest': t1['pred'] / t1['cheap'],
           'retrieval_share_of_cheapest': max(t1['guide'] - t1['prefix'], 0.0) / t1['cheap']},
+      'routing_cost_batch1': cost,
   }
   print(f'[sweep] backbone {lat["backbone_ms_per_image"]:.2f} ms/img, routed '
         f'{lat["routed_ms_per_image"]:.2f} ms/img -> x{lat["speedup"]:.2f}', flush=True)
@@ -264,9 +267,7 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
       'offset': head['offset'],
       'latency_speedup': latency['speedup'],
       'gain_gmacs_per_lpips': gain_slope(rows, 'calibrated_'),
-      'routing_overhead_share_of_cheapest': (
-          ob['prefix_and_predictor_ms'] + max(ob['prefix_and_retrieval_ms'] - ob['prefix_ms'],
-                                              0.0)) / ob['cheapest_route_ms'],
+      'routing_overhead_share_of_cheapest': latency['routing_cost_batch1']['share_of_cheapest'],
       'paper_rule': {'threshold': head_paper['threshold'], 'meets_target': met_paper,
                      'mean_lpips': head_paper['mean_true_lpips'],
                      'violation_rate': head_paper['violation_rate'],

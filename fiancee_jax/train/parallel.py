@@ -191,6 +191,16 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     _client().wait_at_barrier(f'fiancee/{name}/{next(_SYNC_IDS)}', int(timeout_s * 1000))
 
 
+def _local_copy(x: Any) -> Any:
+  """A replicated global array -> its copy on this process's first device."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return x
+  if not x.is_fully_replicated:
+    raise DistributedError(f'one_copy of an array sharded over processes ({x.sharding}): '
+                           'expected replicated state')
+  return x.addressable_shards[0].data
+
+
 def chief_first(fn: Callable[[], Any], name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> Any:
   """`fn()` on process 0, then on the other processes once it is done: for idempotent
   preparation of shared files (a dataset folder, a cache) that the others then only read.
@@ -282,9 +292,13 @@ class DataParallel:
   def one_copy(self, state: PyTree) -> PyTree:
     """Replicated device state -> one copy, left on a device of this process (e.g. large
     frozen arrays a sampler reads, without a host round trip). pmap: the first local
-    device's entry (no computation, so no process waits for another)."""
+    device's entry (no computation, so no process waits for another). shard_map on several
+    processes: the copy on this process's first device, for the same reason (a jitted call on
+    the global array would wait for the other processes, which do not sample)."""
     if self.mode == 'shard_map':
-      return state
+      if jax.process_count() == 1:
+        return state
+      return jax.tree.map(_local_copy, state)
     return jax.tree.map(lambda x: x.addressable_shards[0].data[0], state)
 
   def get_state(self, state: PyTree) -> PyTree:

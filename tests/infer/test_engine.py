@@ -69,12 +69,18 @@ def test_batched_routing_equals_per_input():
   pred = tp.predict(pl.predictor, pl.params['predictor']['params'], rows['feats'][:4])
   # Between the 2nd and 3rd smallest exit-1 predictions: two inputs take the cheapest exit,
   # the other two go further (another exit or the backbone).
-  # (An untrained tiny predictor may predict negative values: route at t = 1 with an offset.)
+  # (An untrained tiny predictor may predict negative values: route at t = 1e-3 with an
+  # offset. Its predictions can differ by 1e-8: at t = 1, float32 could not tell them apart.)
   p0 = np.sort(np.asarray(pred)[:, 0])
   assert p0[1] < p0[2], p0
-  offset = 1.0 - float(p0[1] + p0[2]) / 2
-  images, exits = eng.routed_batch((labels, z), 1.0, offset=offset, bucket_sizes=(1, 4))
+  t = 1e-3
+  offset = t - float(p0[1] + p0[2]) / 2
+  images, exits = eng.routed_batch((labels, z), t, offset=offset, bucket_sizes=(1, 4))
   assert len(set(exits.tolist())) >= 2, exits
   for i in range(4):
     one = eng.routes[exits[i]](pl.params, jnp.asarray(labels[i:i + 1]), jnp.asarray(z[i:i + 1]))
     np.testing.assert_allclose(np.asarray(images[i]), np.asarray(one[0]), atol=1e-4)
+  # The batch-1 routing cost: the routed call forced to the cheapest route is that route.
+  cost = engine_lib.routing_cost(eng, (jnp.asarray(labels[:1]), jnp.asarray(z[:1])), repeats=2)
+  assert cost['forced_exit'] == cost['cheapest_route'] == 'exit1', cost
+  assert cost['routed_forced_ms'] > 0 and cost['route_alone_ms'] > 0

@@ -22,7 +22,10 @@ def _result():
          'overhead_batch1': {'cheapest_route': 'exit1', 'cheapest_route_ms': 1.0,
                              'prefix_and_predictor_ms': .2, 'prefix_ms': .1,
                              'prefix_and_retrieval_ms': .15, 'predictor_share_of_cheapest': .2,
-                             'retrieval_share_of_cheapest': .05}}
+                             'retrieval_share_of_cheapest': .05},
+         'routing_cost_batch1': {'cheapest_route': 'exit1', 'forced_exit': 'exit1',
+                                 'routed_forced_ms': 1.25, 'route_alone_ms': 1.0,
+                                 'share_of_cheapest': 0.25, 'repeats': 20}}
   summary = {'threshold': 0.1, 'rule': 'conformal', 'meets_target': True,
              'target_mean_lpips': 0.1, 'mean_lpips': 0.05, 'violation_rate': 0.1,
              'gmacs_share': 0.5, 'mean_gmacs': 2.5, 'backbone_gmacs': 5.0, 'offset': 0.01,
@@ -63,6 +66,8 @@ def test_write_report(tmp_path):
   # headline at the operating point, the best-mean threshold beside it
   assert "At threshold **0.1** (conformal; the paper's operating point" in md
   assert 'mean LPIPS <= 0.1 (same rule): 0.2: mean LPIPS 0.0987' in md
+  assert 'vs that route alone; the prefix is shared): **25.0%** of the route' in md
+  assert 'forced to exit1 1.250 ms vs the route alone 1.000 ms' in md
   s = json.load(open(paths['summary']))
   assert s['gain_gmacs_per_lpips'] == 'nan' and s['gmacs_share'] == 0.5
   assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
