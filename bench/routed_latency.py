@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import sys
-import time
 
 import numpy as np
 

@@ -252,7 +252,6 @@ def sweep(backbone: Backbone, workdir: str, *, thresholds: Sequence[float] | Non
     with open(eval_path) as f:
       pred_eval = json.load(f)
   gm = costs[-1]
-  ob = latency['overhead_batch1']
   summary = {
       'threshold': head['threshold'],
       'headline': 'operating_point' if at_target else 'best_mean_target',
