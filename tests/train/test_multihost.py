@@ -149,52 +149,7 @@ def _assert_trees_close(a, b, what):
                                rtol=1e-4, atol=1e-4, err_msg=f'{what}{jax.tree_util.keystr(path)}')
 
 
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  """(worker results, two-process workdir, reference workdirs, launch log, launch wall time).
-  References: 'ref' = one process with 4 devices from scratch to step 1; 'ref_resumed' = one
-  process resumed from the two processes' step-1 checkpoint to step 2."""
-  import shutil
-
-  import jax
-  from fiancee_jax import data
-  from fiancee_jax import registry
-  from fiancee_jax import workdir as wdir
-  from fiancee_jax.train import gan
-  root = tmp_path_factory.mktemp('multihost')
-  data_dir, out, mh = root / 'data', root / 'out', str(root / 'mh')
-  out.mkdir()
-  data.prepare(_config(data_dir).data, str(data_dir))
-  t0 = time.perf_counter()
-  launch = subprocess.Popen(
-      [sys.executable, '-m', 'fiancee_jax.launch', '-n', '2', '--', os.path.abspath(__file__),
-       str(out), str(data_dir), mh],
-      cwd=REPO, env=_env(str(root / 'xla_cache')), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, start_new_session=True)
-  # Meanwhile the reference: one process, 4 devices, the same global batch.
-  assert jax.device_count() == 4
-  gan.train_and_evaluate(registry.get(_config(data_dir, STOP_AT)), str(root / 'ref'))
-  try:
-    log, _ = launch.communicate(timeout=300)
-  except subprocess.TimeoutExpired:
-    os.killpg(launch.pid, signal.SIGKILL)
-    log, _ = launch.communicate()
-    pytest.fail('two-process run did not finish in 300 s:\n' + log.decode()[-4000:])
-  wall = time.perf_counter() - t0
-  text = log.decode()
-  (root / 'launch.log').write_text(text)
-  assert launch.returncode == 0, f'{root / "launch.log"}:\n{text[-6000:]}'
-  results = [json.load(open(out / f'p{i}.json')) for i in range(2)]
-  # One process resumed from the two processes' stop checkpoint, one step.
-  src = os.path.join(wdir.checkpoint_dir(mh, 'backbone'), str(STOP_AT))
-  resumed = str(root / 'ref_resumed')
-  shutil.copytree(src, os.path.join(wdir.checkpoint_dir(resumed, 'backbone'),
-                                    str(STOP_AT)))
-  gan.train_and_evaluate(registry.get(_config(data_dir)), resumed)
-  return results, mh, {STOP_AT: str(root / 'ref'), NUM_STEPS: resumed}, text, wall
-
-
-def _launch(args, env, timeout=400):
+def _launch(args, env):
   """`python -m fiancee_jax.launch -n 2 -- this file ARGS` started; returns the Popen."""
   return subprocess.Popen(
       [sys.executable, '-m', 'fiancee_jax.launch', '-n', '2', '--', os.path.abspath(__file__),
@@ -213,6 +168,39 @@ def _finish(launch, what, log_path, timeout=400):
   log_path.write_text(text)
   assert launch.returncode == 0, f'{log_path}:\n{text[-6000:]}'
   return text
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """(worker results, two-process workdir, reference workdirs, launch log, launch wall time).
+  References: 'ref' = one process with 4 devices from scratch to step 1; 'ref_resumed' = one
+  process resumed from the two processes' step-1 checkpoint to step 2."""
+  import shutil
+
+  import jax
+  from fiancee_jax import data
+  from fiancee_jax import registry
+  from fiancee_jax import workdir as wdir
+  from fiancee_jax.train import gan
+  root = tmp_path_factory.mktemp('multihost')
+  data_dir, out, mh = root / 'data', root / 'out', str(root / 'mh')
+  out.mkdir()
+  data.prepare(_config(data_dir).data, str(data_dir))
+  t0 = time.perf_counter()
+  launch = _launch([str(out), str(data_dir), mh], _env(str(root / 'xla_cache')))
+  # Meanwhile the reference: one process, 4 devices, the same global batch.
+  assert jax.device_count() == 4
+  gan.train_and_evaluate(registry.get(_config(data_dir, STOP_AT)), str(root / 'ref'))
+  text = _finish(launch, 'two-process run', root / 'launch.log', timeout=300)
+  wall = time.perf_counter() - t0
+  results = [json.load(open(out / f'p{i}.json')) for i in range(2)]
+  # One process resumed from the two processes' stop checkpoint, one step.
+  src = os.path.join(wdir.checkpoint_dir(mh, 'backbone'), str(STOP_AT))
+  resumed = str(root / 'ref_resumed')
+  shutil.copytree(src, os.path.join(wdir.checkpoint_dir(resumed, 'backbone'),
+                                    str(STOP_AT)))
+  gan.train_and_evaluate(registry.get(_config(data_dir)), resumed)
+  return results, mh, {STOP_AT: str(root / 'ref'), NUM_STEPS: resumed}, text, wall
 
 
 @pytest.fixture(scope='module')
@@ -248,8 +236,8 @@ def test_fiancee_stages_on_two_processes_equal_one_process(fiancee_runs, stage):
   """Step 1 of each stage, one process with 4 devices vs two with 2: the same loader
   position, the same gradient and the predictor's rows (computed once by process 0) equal.
   The gradient is read from Adam's first moment (mu = 0.1 g after one step), within 2% of each
-  tensor's largest entry (+ 1e-4 of the largest in the state: pure float noise): a halved or duplicated global batch, or one model per process, gives
-  another gradient (O(1) relative). The parameters after one Adam step move by lr * g / |g|, so
+  tensor's largest entry (+ 1e-4 of the largest in the state: pure float noise): a halved or
+  duplicated global batch, or one model per process, gives another gradient (O(1) relative). The parameters after one Adam step move by lr * g / |g|, so
   an entry whose gradient is float noise (a bias before a normalisation: zero in exact
   arithmetic) may move by +-lr on one side and -+lr on the other: within 2.5 lr."""
   import jax
