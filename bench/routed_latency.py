@@ -101,16 +101,14 @@ def main() -> None:
   def timed(fn):
     return engine_lib.time_fn(fn, a.repeats, warmup=1)
 
-  def paired(fa, fb):
-    return engine_lib.paired_times(fa, fb, a.repeats)
-
   for b in batches:
     if b == 1:
       routed, backbone, taken = [], [], []
       for i in range(a.inputs_batch1):
         x = tuple(jnp.asarray(v[i:i + 1]) for v in inputs)
-        r_i, b_i = paired(lambda x=x: eng.routed_one(params, x, t32, c32, o32),
-                          lambda x=x: eng.routes[-1](params, *x))
+        r_i, b_i = engine_lib.paired_times(
+            lambda x=x: eng.routed_one(params, x, t32, c32, o32),
+            lambda x=x: eng.routes[-1](params, *x), a.repeats)
         routed.append(r_i)
         backbone.append(b_i)
         taken.append(int(eng.routed_one(params, x, t32, c32, o32)[1]['exit']))
@@ -118,8 +116,9 @@ def main() -> None:
       exits = np.asarray(taken)
     else:
       x = tuple(jnp.asarray(v[:b]) for v in inputs)
-      r_s, b_s = paired(lambda x=x: eng.routed_batch(x, a.threshold, off)[0],
-                        lambda x=x: eng.routes[-1](params, *x))
+      r_s, b_s = engine_lib.paired_times(
+          lambda x=x: eng.routed_batch(x, a.threshold, off)[0],
+          lambda x=x: eng.routes[-1](params, *x), a.repeats)
       r_s, b_s = r_s / b, b_s / b
       exits = eng.routed_batch(x, a.threshold, off)[1]
       parts = {}

@@ -237,15 +237,16 @@ def test_fiancee_stages_on_two_processes_equal_one_process(fiancee_runs, stage):
   position, the same gradient and the predictor's rows (computed once by process 0) equal.
   The gradient is read from Adam's first moment (mu = 0.1 g after one step), within 2% of each
   tensor's largest entry (+ 1e-4 of the largest in the state: pure float noise): a halved or
-  duplicated global batch, or one model per process, gives another gradient (O(1) relative). The parameters after one Adam step move by lr * g / |g|, so
-  an entry whose gradient is float noise (a bias before a normalisation: zero in exact
-  arithmetic) may move by +-lr on one side and -+lr on the other: within 2.5 lr."""
+  duplicated global batch, or one model per process, gives another gradient (O(1) relative).
+  The parameters after one Adam step move by lr * g / |g|, so an entry whose gradient is float
+  noise (a bias before a normalisation: zero in exact arithmetic) may move by +-lr on one side
+  and -+lr on the other: within 2.5 lr."""
   import jax
   two, one = fiancee_runs
   got, got_meta = _saved(two, 1, stage)
   want, want_meta = _saved(one, 1, stage)
   assert got_meta['data'] == want_meta['data']
-  lr = float(getattr(_fiancee_config('').get(stage), 'lr'))
+  lr = float(_fiancee_config('')[stage].lr)
   la, lb = jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)
   assert len(la) == len(lb) > 0
   mus = [np.abs(np.asarray(y)).max() for (path, _), y in zip(la, lb)
